@@ -1,0 +1,209 @@
+"""The run schema: every field a run reads, with defaults, and its validation.
+
+Experiment configs (experiments/configs/*.py) start from `default_config()` and
+override fields; the config is then locked, so a misspelt `--config.x.y` is an
+error instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jaxrec.mesh import MeshShape
+
+DATA_FORMATS = ("auto", "movielens_csv", "movielens_dat", "sasrec")
+POSITIONS = ("learned", "rope", "none")
+MLPS = ("gelu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+DP_MODES = ("sync", "delayed", "local_sgd", "diloco")
+COMPRESSORS = ("none", "bf16", "int8", "topk", "powersgd", "sign")
+OPTIMIZERS = ("adamw", "sgd")
+HEADS = ("last", "spread", "auto")
+
+
+class ConfigError(ValueError):
+  pass
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "default"
+  c.seed = 0
+  # Mesh over axes replica,data,pipe,tensor; omitted axes are 1, one -1 is inferred.
+  c.mesh = "data:-1"
+
+  c.data = ml_collections.ConfigDict()
+  c.data.format = "auto"      # auto: by file suffix (.csv, .dat, .txt)
+  c.data.path = ""            # empty: the embedded ml-latest-small ratings.csv
+  c.data.kcore = 0            # iterative k-core on users and items; 0 or 1 = off
+  c.data.max_len = 50         # positions per training / evaluation sequence
+  c.data.window_stride = 0    # >0: extra training windows every `stride` items back
+  c.data.shuffle_seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.d_model = 64
+  c.model.n_heads = 2
+  c.model.n_layers = 2
+  c.model.d_ff = 256
+  c.model.dropout = 0.2
+  c.model.positions = "learned"
+  c.model.mlp = "gelu"
+  c.model.norm = "layernorm"
+  c.model.embed_scale = True       # multiply item embeddings by sqrt(d_model), as SASRec
+  c.model.item_table_multiple = 128  # rows padded to a multiple (mesh-independent shapes)
+  c.model.dtype = "float32"        # compute dtype; params and reductions stay fp32
+  c.model.init_std = 0.02
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 128
+  c.train.lr = 1e-3
+  c.train.warmup_steps = 100
+  c.train.min_lr_ratio = 0.1
+  c.train.weight_decay = 0.01
+  c.train.b1 = 0.9
+  c.train.b2 = 0.98
+  c.train.grad_clip = 1.0     # global-norm clip; 0 = off
+  c.train.optimizer = "adamw"  # adamw | sgd (plain SGD: for equivalence checks)
+  c.train.log_every = 50
+  c.train.eval_every = 500    # 0 = only at the end
+  c.train.checkpoint_every = 500  # 0 = only at the end
+  c.train.keep_checkpoints = 2
+  c.train.max_nonfinite_steps = 5  # stop after this many non-finite steps in a row
+  c.train.inject_nonfinite_steps = ""  # fault injection: "5,6" poisons those steps
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 256
+  c.eval.exclude_history = True
+  c.eval.max_users = 0        # 0 = every user; >0 = the first N (quick validation)
+
+  c.pipeline = ml_collections.ConfigDict()
+  c.pipeline.microbatches = 1
+  c.pipeline.schedule = "gpipe"
+  c.pipeline.virtual_stages = 1
+  c.pipeline.layers_per_stage = "uniform"  # or "auto" (balanced) or counts: "3,3,2"
+  c.pipeline.remat = False    # True: keep only stage inputs, recompute in the backward
+  # Where the item-softmax head runs: "last" stage, "spread" over every stage (each
+  # scores 1/P of the catalogue), or "auto" (the balancer decides; needs
+  # layers_per_stage="auto", else means "last").
+  c.pipeline.head = "auto"
+  c.pipeline.balance_costs = "h100"  # "auto" splits: a hardware profile's roofline or "timed"
+  c.pipeline.rebalance_every = 0     # >0: re-measure stage costs every N steps ...
+  c.pipeline.rebalance_threshold = 0.1  # ... and re-split when max/mean > 1 + this
+
+  c.dp = ml_collections.ConfigDict()
+  c.dp.mode = "sync"
+  c.dp.sync_every = 1         # H: local_sgd / diloco average every H steps
+  c.dp.outer_lr = 0.7         # diloco outer Nesterov SGD (Douillard et al. 2023)
+  c.dp.outer_momentum = 0.9
+
+  c.compression = ml_collections.ConfigDict()
+  c.compression.method = "none"
+  c.compression.error_feedback = True
+  c.compression.hierarchical = False  # reduce over data first, compress across replica
+  c.compression.block = 256           # int8 / sign: entries per fp32 scale
+  c.compression.stochastic_rounding = False  # int8
+  c.compression.ratio = 0.01          # topk: fraction of entries sent
+  c.compression.momentum = 0.0        # topk: DGC momentum correction (use with SGD)
+  c.compression.chunk = 16384         # topk: top-k rows are capped at this length
+  c.compression.warmup_steps = 0      # topk: DGC sparsity warm-up over these steps
+  c.compression.rank = 4              # powersgd
+  c.compression.min_size = 4096       # tensors with fewer entries go uncompressed
+  return c
+
+
+def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
+  """Raises ConfigError naming the field, its value and what would be valid."""
+  _choice(c, "data.format", DATA_FORMATS)
+  _choice(c, "model.positions", POSITIONS)
+  _choice(c, "model.mlp", MLPS)
+  _choice(c, "model.norm", NORMS)
+  _choice(c, "model.dtype", DTYPES)
+  _choice(c, "pipeline.schedule", SCHEDULES)
+  _choice(c, "dp.mode", DP_MODES)
+  _choice(c, "compression.method", COMPRESSORS)
+  _choice(c, "train.optimizer", OPTIMIZERS)
+  _choice(c, "pipeline.head", HEADS)
+  if c.pipeline.head == "spread" and mesh.pipe > 1 and (
+      c.model.item_table_multiple % (mesh.tensor * mesh.pipe)):
+    raise ConfigError(
+        f"config.pipeline.head = 'spread' splits the item table over tensor x pipe = "
+        f"{mesh.tensor * mesh.pipe} devices; config.model.item_table_multiple = "
+        f"{c.model.item_table_multiple} must be divisible by it")
+  if c.dp.sync_every < 1:
+    raise ConfigError(f"config.dp.sync_every = {c.dp.sync_every} must be >= 1")
+  if c.compression.block <= 0 or c.compression.block % 8:
+    raise ConfigError(
+        f"config.compression.block = {c.compression.block} must be a positive multiple of 8")
+  if not 0.0 < c.compression.ratio <= 1.0:
+    raise ConfigError(f"config.compression.ratio = {c.compression.ratio} must be in (0, 1]")
+  if c.compression.rank < 1:
+    raise ConfigError(f"config.compression.rank = {c.compression.rank} must be >= 1")
+  if c.compression.hierarchical and mesh.replica == 1:
+    raise ConfigError(
+        "config.compression.hierarchical needs a replica axis > 1 (the slow links to "
+        f"compress across); the mesh is {mesh}")
+  for field in ("model.d_model", "model.n_heads", "model.n_layers", "model.d_ff",
+                "data.max_len", "train.steps", "train.batch_size", "eval.batch_size",
+                "pipeline.microbatches", "pipeline.virtual_stages",
+                "model.item_table_multiple"):
+    if _get(c, field) <= 0:
+      raise ConfigError(f"config.{field} = {_get(c, field)} must be positive")
+  m = c.model
+  if m.d_model % m.n_heads:
+    raise ConfigError(
+        f"config.model.d_model = {m.d_model} is not divisible by "
+        f"config.model.n_heads = {m.n_heads}")
+  if m.positions == "rope" and (m.d_model // m.n_heads) % 2:
+    raise ConfigError(f"rotary positions need an even head dim, got {m.d_model // m.n_heads}")
+  if not 0.0 <= m.dropout < 1.0:
+    raise ConfigError(f"config.model.dropout = {m.dropout} must be in [0, 1)")
+  if m.n_heads % mesh.tensor:
+    raise ConfigError(
+        f"config.model.n_heads = {m.n_heads} is not divisible by the tensor axis "
+        f"({mesh.tensor}); choose a tensor size that divides it")
+  if m.d_ff % mesh.tensor:
+    raise ConfigError(
+        f"config.model.d_ff = {m.d_ff} is not divisible by the tensor axis ({mesh.tensor})")
+  if m.item_table_multiple % mesh.tensor:
+    raise ConfigError(
+        f"config.model.item_table_multiple = {m.item_table_multiple} is not divisible by "
+        f"the tensor axis ({mesh.tensor}); the item table is padded to that multiple and "
+        "split evenly over tensor")
+  d = mesh.data_size
+  if c.train.batch_size % d:
+    raise ConfigError(
+        f"config.train.batch_size = {c.train.batch_size} is not divisible by the data "
+        f"axes (replica x data = {d}); use a multiple of {d}")
+  if c.eval.batch_size % d:
+    raise ConfigError(
+        f"config.eval.batch_size = {c.eval.batch_size} is not divisible by the data axes "
+        f"(replica x data = {d}); use a multiple of {d}")
+  per_replica = c.train.batch_size // d
+  if per_replica % c.pipeline.microbatches:
+    raise ConfigError(
+        f"config.pipeline.microbatches = {c.pipeline.microbatches} does not divide the "
+        f"per-replica batch ({c.train.batch_size} / {d} = {per_replica})")
+  if mesh.pipe > 1 and (c.eval.batch_size // d) % mesh.pipe:
+    raise ConfigError(
+        f"config.eval.batch_size = {c.eval.batch_size}: the per-replica eval batch "
+        f"({c.eval.batch_size // d}) must be divisible by the pipe axis ({mesh.pipe}), "
+        "which splits it into microbatches")
+  for field in ("train.log_every", "train.eval_every", "train.checkpoint_every"):
+    if _get(c, field) < 0:
+      raise ConfigError(f"config.{field} = {_get(c, field)} must be >= 0")
+
+
+def _get(c: ml_collections.ConfigDict, dotted: str):
+  node = c
+  for key in dotted.split("."):
+    node = node[key]
+  return node
+
+
+def _choice(c: ml_collections.ConfigDict, dotted: str, valid: tuple[str, ...]) -> None:
+  value = _get(c, dotted)
+  if value not in valid:
+    raise ConfigError(f"config.{dotted} = {value!r}; valid values are {', '.join(valid)}")

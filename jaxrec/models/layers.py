@@ -1,0 +1,147 @@
+"""Transformer pieces (norm, attention, MLP, block) as Flax nnx modules.
+
+Parameters are created at their *global* shapes with logical axis names; inside
+the train step's shard_map the same modules run on local shards (fewer heads,
+a slice of the MLP width), so nothing here hard-codes a sharded size. The tensor
+axis name arrives with each call in `Context`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxrec.parallel import tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+  """Per-call settings: which axis to reduce over, dropout keys, compute dtype."""
+  tensor_axis: str | None = None
+  dropout_rate: float = 0.0
+  row_keys: jax.Array | None = None   # one PRNG key per example row; None = no dropout
+  dtype: jnp.dtype = jnp.float32
+
+  @property
+  def train(self) -> bool:
+    return self.row_keys is not None and self.dropout_rate > 0.0
+
+
+def param(init, key, shape, axes, dtype=jnp.float32) -> nnx.Param:
+  return nnx.Param(init(key, shape, dtype), out_sharding=axes, eager_sharding=False)
+
+
+def dropout(x: jax.Array, ctx: Context, site: int | jax.Array) -> jax.Array:
+  """Dropout whose mask depends only on (example row, site), never on the mesh.
+
+  Keys are per example row, so a row gets the same mask whichever device holds it,
+  and every tensor-parallel rank (which holds the same replicated activation)
+  draws the same mask.
+  """
+  if not ctx.train:
+    return x
+  keep = 1.0 - ctx.dropout_rate
+
+  def row_mask(key):
+    return jax.random.bernoulli(jax.random.fold_in(key, site), keep, x.shape[1:])
+
+  mask = jax.vmap(row_mask)(ctx.row_keys)
+  return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class Norm(nnx.Module):
+  def __init__(self, dim: int, kind: str):
+    self.kind = kind
+    self.scale = nnx.Param(jnp.ones((dim,)), out_sharding=("embed",), eager_sharding=False)
+    if kind == "layernorm":
+      self.bias = nnx.Param(jnp.zeros((dim,)), out_sharding=("embed",), eager_sharding=False)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    if self.kind == "layernorm":
+      x32 = x32 - x32.mean(-1, keepdims=True)
+      y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + 1e-6)
+      y = y * self.scale[...] + self.bias[...]
+    else:
+      y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + 1e-6) * self.scale[...]
+    return y.astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
+  """Rotary position embedding on the last dim of x [B, T, H, Dh]."""
+  half = x.shape[-1] // 2
+  freq = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angle = positions[..., None].astype(jnp.float32) * freq          # [B?, T, half]
+  sin, cos = jnp.sin(angle)[..., None, :], jnp.cos(angle)[..., None, :]
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal self-attention; heads column-parallel, output projection row-parallel."""
+
+  def __init__(self, d_model: int, n_heads: int, rotary_positions: bool, init_std: float,
+               rngs: nnx.Rngs):
+    head_dim = d_model // n_heads
+    init = nnx.initializers.normal(init_std)
+    self.rotary_positions = rotary_positions
+    self.qkv = param(init, rngs.params(), (d_model, 3, n_heads, head_dim),
+                     ("embed", None, "heads", "kv"))
+    self.out = param(nnx.initializers.normal(init_std / math.sqrt(2.0)), rngs.params(),
+                     (n_heads, head_dim, d_model), ("heads", "kv", "embed"))
+
+  def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array,
+               ctx: Context) -> jax.Array:
+    qkv = tensor.column_parallel(x, self.qkv[...], "btd,dkhe->btkhe")
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.rotary_positions:
+      q, k = rotary(q, positions), rotary(k, positions)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None], scores, -1e30)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    o = jnp.einsum("bhqk,bkhe->bqhe", probs, v)
+    return tensor.row_parallel(o, self.out[...], "bqhe,hed->bqd", ctx.tensor_axis)
+
+
+class MLP(nnx.Module):
+  """Column-parallel up-projection, row-parallel down-projection."""
+
+  def __init__(self, d_model: int, d_ff: int, kind: str, init_std: float, rngs: nnx.Rngs):
+    self.kind = kind
+    init = nnx.initializers.normal(init_std)
+    if kind == "swiglu":
+      self.w_in = param(init, rngs.params(), (d_model, 2, d_ff), ("embed", None, "mlp"))
+    else:
+      self.w_in = param(init, rngs.params(), (d_model, d_ff), ("embed", "mlp"))
+    self.w_out = param(nnx.initializers.normal(init_std / math.sqrt(2.0)), rngs.params(),
+                       (d_ff, d_model), ("mlp", "embed"))
+
+  def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
+    if self.kind == "swiglu":
+      h = tensor.column_parallel(x, self.w_in[...], "btd,dkf->btkf")
+      h = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
+    else:
+      h = jax.nn.gelu(tensor.column_parallel(x, self.w_in[...], "btd,df->btf"))
+    return tensor.row_parallel(h, self.w_out[...], "btf,fd->btd", ctx.tensor_axis)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block."""
+
+  def __init__(self, d_model: int, n_heads: int, d_ff: int, mlp: str, norm: str,
+               rotary_positions: bool, init_std: float, rngs: nnx.Rngs):
+    self.norm1 = Norm(d_model, norm)
+    self.attn = Attention(d_model, n_heads, rotary_positions, init_std, rngs)
+    self.norm2 = Norm(d_model, norm)
+    self.mlp = MLP(d_model, d_ff, mlp, init_std, rngs)
+
+  def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, ctx: Context,
+               layer_id: jax.Array | int) -> jax.Array:
+    site = 2 * (layer_id + 1)
+    x = x + dropout(self.attn(self.norm1(x), mask, positions, ctx), ctx, site)
+    return x + dropout(self.mlp(self.norm2(x), ctx), ctx, site + 1)

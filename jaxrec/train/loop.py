@@ -1,0 +1,342 @@
+"""The training loop: data -> compiled steps -> metrics, evaluation and checkpoints.
+
+Nothing a user trained is lost:
+  * a rerun with the same workdir resumes from the latest checkpoint, exactly: the
+    state holds the step, optimizer, compressor, async-mode and RNG state, and the
+    data stream is a pure function of the step;
+  * SIGTERM / SIGINT (preemption) saves at the next step boundary and returns;
+  * a checkpoint that cannot be read falls back to the previous one, with a warning;
+  * a checkpoint written on another mesh or pipeline layout is converted;
+  * non-finite steps are skipped (state unchanged) and counted; after
+    `train.max_nonfinite_steps` in a row the run stops with its last good
+    checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from jaxrec.config import validate
+from jaxrec.data import Dataset, item_popularity, load_dataset
+from jaxrec.data.batches import TrainStream, process_rows, to_global
+from jaxrec.eval.evaluator import evaluate
+from jaxrec.eval.metrics import popularity_metrics
+from jaxrec.mesh import make_mesh, mesh_shape
+from jaxrec.models.recommender import ModelConfig, RecommenderFns
+from jaxrec.train import remesh
+from jaxrec.train.checkpoint import (Checkpointer, CheckpointMismatchError, check_compatible,
+                                     dump_json, param_shapes)
+from jaxrec.train.step import TrainProgram
+
+# The host may dispatch this many steps ahead of the devices. Unbounded run-ahead
+# deadlocked XLA's CPU client with 8 faked devices: queued steps held every
+# per-device execution slot while running ones waited in a collective for a
+# device whose next launch could not get a slot. Two keeps the host busy ahead of
+# the devices without that risk (and bounds how late a non-finite step is seen).
+MAX_STEPS_IN_FLIGHT = 2
+
+PROTOCOL = ("leave-one-out, full ranking over all items, {history}, ties counted "
+            "against the target")
+
+
+class NonFiniteTrainingError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to workdir/metrics.jsonl (process 0 only)."""
+
+  def __init__(self, path: Path):
+    self.path = path
+    self.enabled = jax.process_index() == 0
+
+  def write(self, record: dict[str, Any]) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+class PreemptionGuard:
+  """Turns SIGTERM / SIGINT into a request to stop at the next step boundary."""
+
+  def __init__(self):
+    self.signal: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> "PreemptionGuard":
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    self.signal = signum
+    logging.warning("received %s: saving at the next step boundary, then stopping",
+                    signal.Signals(signum).name)
+
+  def requested(self) -> bool:
+    """Whether any process was asked to stop (all processes must agree on the step)."""
+    flag = self.signal is not None
+    if jax.process_count() > 1:
+      flag = bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+    return flag
+
+
+def protocol(exclude_history: bool) -> str:
+  return PROTOCOL.format(history="history items removed from the candidates"
+                         if exclude_history else "history items kept as candidates")
+
+
+def build(config: ml_collections.ConfigDict, dataset: Dataset | None = None):
+  """Mesh, dataset, model functions and compiled program for a config."""
+  mesh = make_mesh(config.mesh)
+  validate(config, mesh_shape(mesh))
+  dataset = dataset or load_dataset(config.data, config.eval.max_users)
+  fns = RecommenderFns(ModelConfig.from_config(config.model, dataset.num_items,
+                                               config.data.max_len))
+  return mesh, dataset, fns, TrainProgram(config, fns, mesh)
+
+
+def checkpoint_meta(program: TrainProgram, step: int) -> dict[str, Any]:
+  return {"data_position": step, "config": program.config.to_json(),
+          "mesh": str(program.shape), "param_shapes": param_shapes(program.fns.shapes),
+          "layers_per_stage": list(program.layout.layers_per_stage)}
+
+
+def restore(ckpt: Checkpointer, step: int, program: TrainProgram):
+  """The state saved at `step`, on this program's mesh and layout."""
+  meta = ckpt.read_meta(step)
+  check_compatible(meta.get("param_shapes", {}), param_shapes(program.fns.shapes),
+                   ckpt.directory / str(step))
+  old = remesh.saved_program(program, meta)
+  if remesh.same_layout(program, old):
+    return ckpt.restore(step, program.abstract_state())
+  logging.info("checkpoint %d was written on mesh %s; converting to %s", step, old.shape,
+               program.shape)
+  return remesh.convert(program, old, ckpt.restore(step, remesh.replicated_targets(program, old)))
+
+
+def restore_latest(ckpt: Checkpointer, program: TrainProgram):
+  """The newest readable checkpoint's state (older ones are tried if it is corrupt)."""
+  steps = sorted(ckpt.all_steps(), reverse=True)
+  failures = []
+  for step in steps:
+    try:
+      return restore(ckpt, step, program)
+    except CheckpointMismatchError:
+      raise
+    except Exception as e:  # noqa: BLE001  (any read failure: try an older one)
+      failures.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
+      moved = ckpt.quarantine(step)
+      logging.warning("checkpoint at step %d could not be restored (%s); moved it to %s and "
+                      "falling back to the previous one", step, failures[-1], moved)
+  if steps:
+    raise RuntimeError(f"no checkpoint in {ckpt.directory} could be restored:\n  " +
+                       "\n  ".join(failures))
+  return None
+
+
+def rebalance(program: TrainProgram, state):
+  """Re-measures the pipeline's stage costs; when the slowest stage exceeds the mean by
+  more than the threshold, re-splits the layers and moves params and optimizer state
+  to the new layout (exactly: a re-layout, nothing is recomputed or dropped)."""
+  from jaxrec.parallel import balance
+  from jaxrec.perf import hardware
+  pcfg = program.config.pipeline
+  timed = pcfg.balance_costs == "timed"
+  costs = balance.measure(program, None if timed else hardware.get(pcfg.balance_costs),
+                          timed=timed)
+  head = "spread" if program.head_spread else "last"
+  current = balance.stage_costs(costs, program.layout.layers_per_stage, program.shape.pipe,
+                                head)
+  now = balance.imbalance(current)
+  if now <= 1.0 + pcfg.rebalance_threshold:
+    return program, state, None
+  heads = ("last", "spread") if pcfg.head == "auto" else (head,)
+  best = balance.plan(costs, program.fns.cfg.n_layers, program.shape.pipe,
+                      pcfg.virtual_stages, pcfg.schedule, program.microbatches, heads)
+  if best.layers_per_stage == program.layout.layers_per_stage and best.head == head:
+    return program, state, None
+  config = program.config.copy_and_resolve_references()
+  config.unlock()
+  config.pipeline.layers_per_stage = ",".join(str(c) for c in best.layers_per_stage)
+  config.pipeline.head = best.head
+  config.lock()
+  new = TrainProgram(config, program.fns, program.mesh)
+  state = remesh.convert(new, program, state)
+  logging.info("re-balanced the pipeline: %s (%s head, imbalance %.3f) -> %s (%s head, %.3f)",
+               list(program.layout.layers_per_stage), head, now, list(best.layers_per_stage),
+               best.head, best.imbalance)
+  return new, state, {"rebalanced": list(best.layers_per_stage), "head": best.head,
+                      "imbalance_before": now, "imbalance_after": best.imbalance,
+                      "costs": costs.source}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
+                       stop_after: int | None = None) -> dict[str, Any] | None:
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the summary.
+
+  Returns None without a final evaluation when the run stopped early: after
+  `stop_after` steps (a planned interruption) or on SIGTERM / SIGINT.
+  """
+  wall_start = time.perf_counter()
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh, dataset, fns, program = build(config)
+  logging.info("data: %s (%s); %d training sequences", dataset.sequences.describe(),
+               dataset.sequences.source, len(dataset.train))
+  logging.info("model: %.2fM params; mesh %s over %d %s devices", fns.num_params() / 1e6,
+               mesh_shape(mesh), mesh.size, jax.devices()[0].platform)
+
+  ckpt = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+  metrics = MetricsWriter(workdir / "metrics.jsonl")
+  total = config.train.steps
+  state = restore_latest(ckpt, program)
+  if state is None:
+    state = program.init_state(config.seed)
+  else:
+    logging.info("resumed from %s at step %d", ckpt.directory, int(jax.device_get(state.step)))
+  start_step = int(jax.device_get(state.step))
+
+  stream = TrainStream(dataset.train, config.train.batch_size, config.data.shuffle_seed)
+  rows = process_rows(mesh, config.train.batch_size)
+  evaluate_split = _evaluator(config, program, mesh, dataset)
+
+  last_log_time, last_log_step, tokens_since = time.perf_counter(), start_step, 0.0
+  in_flight: collections.deque = collections.deque()
+  streak = {"bad": 0, "skipped": 0}
+
+  def drain(keep: int) -> None:
+    """Reads the metrics of all but the newest `keep` dispatched steps: counts
+    skipped (non-finite) steps and stops the run after too many in a row."""
+    while len(in_flight) > keep:
+      seen_step, seen = in_flight.popleft()
+      seen = jax.device_get(seen)
+      if not int(seen["skipped"]):
+        streak["bad"] = 0
+        continue
+      streak["bad"] += 1
+      streak["skipped"] += 1
+      logging.warning("step %d: non-finite loss %s or gradient norm %s; skipped (%d in a row, "
+                      "%d in all)", seen_step + 1, seen["loss"], seen["grad_norm"],
+                      streak["bad"], streak["skipped"])
+      metrics.write({"step": seen_step + 1, "skipped": 1, "loss": float(seen["loss"])})
+      if streak["bad"] >= config.train.max_nonfinite_steps:
+        ckpt.close()
+        last = ckpt.latest_step()
+        raise NonFiniteTrainingError(
+            f"{streak['bad']} consecutive steps had a non-finite loss or gradient (last at "
+            f"step {seen_step + 1}); stopping. The last good checkpoint "
+            f"({'step ' + str(last) if last is not None else 'none yet'}) in "
+            f"{ckpt.directory} is intact; lower train.lr or check the data.")
+
+  def save(step: int) -> None:
+    drain(0)
+    if streak["bad"]:
+      logging.warning("not checkpointing step %d during a run of non-finite steps", step)
+      return
+    ckpt.save(step, state, checkpoint_meta(program, step))
+
+  with PreemptionGuard() as guard:
+    for step in range(start_step, total):
+      batch = to_global(mesh, stream.host_batch(step, rows), config.train.batch_size)
+      tokens_since += stream.tokens(step)
+      state, step_metrics = program.train_step(state, batch, step)
+      in_flight.append((step, step_metrics))
+      done = step + 1
+      drain(0 if done == total else MAX_STEPS_IN_FLIGHT)
+      if config.train.log_every and (done % config.train.log_every == 0 or done == total):
+        m = jax.device_get(step_metrics)
+        now = time.perf_counter()
+        dt = (now - last_log_time) / max(done - last_log_step, 1)
+        record = {"step": done, "loss": float(m["loss"]), "lr": program.learning_rate(step),
+                  "grad_norm": float(m["grad_norm"]), "step_time_s": dt,
+                  "tokens_per_sec": tokens_since / max(now - last_log_time, 1e-9),
+                  "epoch": stream.epoch_of(done), "skipped_steps": streak["skipped"]}
+        metrics.write(record)
+        logging.info("step %d/%d  loss %.4f  lr %.2e  %.2f steps/s  %.0f tokens/s  ETA %s",
+                     done, total, record["loss"], record["lr"], 1.0 / max(dt, 1e-9),
+                     record["tokens_per_sec"], _eta(dt * (total - done)))
+        last_log_time, last_log_step, tokens_since = now, done, 0.0
+      if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
+        metrics.write({"step": done, "split": "valid", **evaluate_split(state, "valid")})
+      if config.train.checkpoint_every and done % config.train.checkpoint_every == 0:
+        save(done)
+      every = config.pipeline.rebalance_every
+      if program.pipe_axis and every and done % every == 0 and done < total:
+        drain(0)
+        program, state, record = rebalance(program, state)
+        if record:
+          metrics.write({"step": done, **record})
+          evaluate_split = _evaluator(config, program, mesh, dataset)
+      preempted = guard.requested()
+      if done < total and (preempted or (stop_after is not None and done >= stop_after)):
+        if ckpt.latest_step() != done:
+          save(done)
+        ckpt.close()
+        logging.warning("stopped after step %d (%s); checkpoint saved in %s; rerun with the "
+                        "same workdir to resume", done,
+                        "preempted" if preempted else "as asked", ckpt.directory)
+        return None
+
+  if ckpt.latest_step() != total:
+    save(total)
+  valid = evaluate_split(state, "valid")
+  test = evaluate_split(state, "test")
+  metrics.write({"step": total, "split": "valid", **valid})
+  metrics.write({"step": total, "split": "test", **test})
+  ckpt.close()
+  baseline = popularity_metrics(item_popularity(dataset.sequences), dataset.test,
+                                config.eval.exclude_history, dataset.num_items)
+  summary = {
+      "test": test, "valid": valid, "baseline_most_popular_test": baseline,
+      "protocol": protocol(config.eval.exclude_history),
+      "wall_time_s": time.perf_counter() - wall_start,
+      "steps": total, "resumed_from_step": start_step if start_step else None,
+      "skipped_steps": streak["skipped"],
+      "mesh": str(mesh_shape(mesh)), "device": f"{mesh.size}x {jax.devices()[0].device_kind}",
+      "num_params": fns.num_params(), "dataset": dataset.sequences.describe(),
+      "data_source": dataset.sequences.source, "config": config.to_dict(),
+  }
+  if jax.process_index() == 0:
+    dump_json(workdir / "summary.json", summary)
+  logging.info("test  HR@10 %.4f  NDCG@10 %.4f  MRR %.4f  (most-popular HR@10 %.4f NDCG@10 "
+               "%.4f); %s", test["hr@10"], test["ndcg@10"], test["mrr"], baseline["hr@10"],
+               baseline["ndcg@10"], summary["protocol"])
+  return summary
+
+
+def _evaluator(config, program: TrainProgram, mesh, dataset: Dataset):
+  def run(state, split: str) -> dict[str, float]:
+    examples = dataset.valid if split == "valid" else dataset.test
+    result = evaluate(program.eval_ranks, state.params, mesh, examples,
+                      config.eval.batch_size, config.eval.exclude_history)
+    logging.info("%s: HR@10 %.4f NDCG@10 %.4f MRR %.4f (%d users, %.1fs)", split,
+                 result["hr@10"], result["ndcg@10"], result["mrr"], result["users"],
+                 result["eval_time_s"])
+    return result
+  return run
+
+
+def _eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"

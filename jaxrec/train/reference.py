@@ -1,0 +1,40 @@
+"""The single-device reference step every parallel path is checked against.
+
+Plain jax: no mesh, no shard_map, no collectives. Same loss normalisation (CE sum
+over non-padding targets / their count), same dropout keys, same AdamW, and
+optax's own global-norm clip.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrec.models.recommender import RecommenderFns
+from jaxrec.train.step import row_keys
+
+
+def loss_and_grads(fns: RecommenderFns, params: Any, batch: dict, rng: jax.Array | None = None,
+                   step: int = 0) -> tuple[jax.Array, Any]:
+  """Mean token CE of the whole batch and its gradient."""
+  inputs, targets = jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"])
+  keys = None
+  if rng is not None and fns.cfg.dropout > 0:
+    keys = row_keys(rng, jnp.int32(step), jnp.arange(inputs.shape[0]))
+
+  def loss_fn(p):
+    total, count = fns.loss(p, inputs, targets, fns.context(row_keys=keys))
+    return total / count
+
+  return jax.value_and_grad(loss_fn)(params)
+
+
+def update(tx: optax.GradientTransformation, params: Any, opt_state: Any, grads: Any,
+           grad_clip: float) -> tuple[Any, Any]:
+  if grad_clip > 0:
+    grads, _ = optax.clip_by_global_norm(grad_clip).update(grads, optax.EmptyState())
+  updates, opt_state = tx.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state

@@ -1,0 +1,63 @@
+import subprocess
+import sys
+
+import pytest
+
+from jaxrec.config import ConfigError, validate
+from jaxrec.mesh import MeshShape, MeshSpecError, make_mesh, parse_mesh_spec
+from tests.helpers import tiny_config
+
+
+def test_parse_fills_missing_axes_with_one():
+  assert parse_mesh_spec("data:2,pipe:1,tensor:4", 8) == MeshShape(1, 2, 1, 4)
+  assert parse_mesh_spec("tensor:2", 2).sizes == (1, 1, 1, 2)
+
+
+def test_parse_infers_one_axis():
+  assert parse_mesh_spec("data:-1,tensor:2", 8) == MeshShape(1, 4, 1, 2)
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("data:3", "3 devices"),
+    ("data:2,expert:4", "unknown mesh axis 'expert'"),
+    ("data:0,tensor:8", "size 0"),
+    ("data:-2,tensor:4", "size -2"),
+    ("data:two", "size 'two'"),
+    ("data:-1,tensor:-1", "only one axis may be -1"),
+    ("data:-1,tensor:3", "does not divide"),
+    ("data:2,data:4", "appears twice"),
+    ("data", "not 'axis:size'"),
+    ("", "empty mesh spec"),
+])
+def test_bad_specs_name_the_value(spec, needle):
+  with pytest.raises(MeshSpecError, match=needle):
+    parse_mesh_spec(spec, 8)
+
+
+def test_mesh_has_all_four_axes_in_order():
+  mesh = make_mesh("tensor:2,data:4")
+  assert mesh.axis_names == ("replica", "data", "pipe", "tensor")
+  assert dict(mesh.shape) == {"replica": 1, "data": 4, "pipe": 1, "tensor": 2}
+
+
+@pytest.mark.parametrize("overrides, mesh, needle", [
+    ({"train.batch_size": 12}, MeshShape(data=8), "batch_size = 12 is not divisible"),
+    ({"eval.batch_size": 100}, MeshShape(data=8), "eval.batch_size = 100"),
+    ({"model.n_heads": 3, "model.d_model": 24}, MeshShape(tensor=2), "n_heads = 3"),
+    ({"model.d_ff": 30}, MeshShape(tensor=4), "d_ff = 30"),
+    ({"model.d_model": 30}, MeshShape(), "d_model = 30 is not divisible"),
+    ({"model.positions": "alibi"}, MeshShape(), "'alibi'; valid values"),
+    ({"pipeline.microbatches": 3}, MeshShape(data=8), "microbatches = 3 does not divide"),
+    ({"train.steps": 0}, MeshShape(), "train.steps = 0 must be positive"),
+])
+def test_config_validation_errors(overrides, mesh, needle):
+  with pytest.raises(ConfigError, match=needle):
+    validate(tiny_config(**overrides), mesh)
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.train", "--config.train.stpes=5",
+       f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "stpes" in result.stderr
