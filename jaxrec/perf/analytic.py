@@ -1,0 +1,132 @@
+"""Textbook communication volumes per mesh axis for one train step.
+
+These are the formulas the measured HLO bytes are compared with (and that the
+cost model uses where a step is too large to compile): payload bytes per device
+per step, keyed like `hlo.bytes_by_axis` (the mesh axes a collective spans).
+
+- tensor (Megatron + vocab-parallel table): per transformer layer one all-reduce
+  of the [B, T, D] activations after attention and one after the MLP, and their two
+  transposes in the backward pass; the embedding lookup's all-reduce forward and
+  the tied head's input-gradient all-reduce backward; three [B*T] fp32 statistics
+  for the vocab-parallel softmax (max, sum of exponentials, target logit).
+- data: one all-reduce of every gradient shard (fp32), or what the compressor
+  sends instead (GradientSync.analytic_bytes).
+- pipe: each microbatch's activation crosses every virtual-stage boundary forward
+  and its gradient backward (2 x microbatches x microbatch activations per
+  boundary); the item table and other stage-shared params have their gradients
+  all-reduced over the stages.
+All volumes are per average device: with a pipeline, the embedding lives on the
+first stage and the loss on the last, so their traffic is shared over P devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jaxrec.mesh import DATA_AXES, MeshShape
+from jaxrec.partitioning import spec_mesh_axes
+
+FP32 = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+  """What the communication volume of a step depends on."""
+  mesh: MeshShape
+  global_batch: int
+  seq_len: int
+  d_model: int
+  n_layers: int
+  act_bytes: int = FP32
+  virtual_stages: int = 1
+  head_spread: bool = False   # pipeline head scored by every stage (see parallel/pipeline)
+
+  @property
+  def local_batch(self) -> int:
+    return self.global_batch // self.mesh.data_size
+
+  @property
+  def activation_bytes(self) -> float:
+    return float(self.local_batch * self.seq_len * self.d_model * self.act_bytes)
+
+
+def shard_bytes(shapes: Any, specs: Any, mesh: MeshShape, bytes_per: int = FP32) -> float:
+  """Bytes of one device's shard of every leaf (params or gradients)."""
+  sizes = mesh.as_dict()
+  total = 0.0
+  leaves = jax.tree.leaves(shapes)
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+  for leaf, spec in zip(leaves, spec_leaves):
+    split = math.prod(sizes[a] for a in spec_mesh_axes(spec))
+    total += np.prod(leaf.shape) * bytes_per / split
+  return float(total)
+
+
+def tensor_bytes(s: StepShape) -> float:
+  if s.mesh.tensor <= 1:
+    return 0.0
+  p = s.mesh.pipe
+  act = s.activation_bytes
+  if s.head_spread and p > 1:   # the head's hidden-state gradient: one all-reduce here
+    return 4 * s.n_layers / p * act + act / p + act
+  stats = 3 * s.local_batch * s.seq_len * FP32
+  return 4 * s.n_layers / p * act + (2 * act + stats) / p
+
+
+def pipe_bytes(s: StepShape, shared_grad_bytes: float) -> tuple[float, float]:
+  """(buffer, wire) bytes over `pipe`: activation/cotangent sends + shared grads, and
+  for the spread head the broadcast of each finished microbatch and the all-reduce
+  of its hidden-state gradient (XLA reduces that over tensor and pipe in turn)."""
+  p = s.mesh.pipe
+  if p <= 1:
+    return 0.0, 0.0
+  boundaries = p * s.virtual_stages - 1
+  sends = 2 * boundaries / p * s.activation_bytes
+  reduce = shared_grad_bytes + (2 * s.activation_bytes if s.head_spread else 0.0)
+  return sends + reduce, sends + 2 * (p - 1) / p * reduce
+
+
+def spread_head_bytes(s: StepShape) -> tuple[str, float, float] | None:
+  """The spread head's softmax statistics (max, sum of exponentials, target logit per
+  token), reduced over tensor x pipe together."""
+  if not (s.head_spread and s.mesh.pipe > 1):
+    return None
+  n = s.mesh.tensor * s.mesh.pipe
+  payload = 3 * s.local_batch * s.seq_len * FP32
+  key = "pipe,tensor" if s.mesh.tensor > 1 else "pipe"
+  return key, payload, 2 * (n - 1) / n * payload
+
+
+def analytic_bytes_by_axis(s: StepShape, data_bytes: dict[str, tuple[float, float]],
+                           data_frequency: float = 1.0, shared_grad_bytes: float = 0.0
+                           ) -> tuple[dict[str, float], dict[str, float]]:
+  """(buffer bytes, ring-wire bytes) per step by axis key.
+
+  `data_bytes` is the gradient synchronisation's own (buffer, wire) estimate per
+  reduction (GradientSync.analytic_bytes); `data_frequency` how many reductions
+  run per step (1/H for local SGD / DiLoCo); `shared_grad_bytes` the per-device
+  bytes of params every pipeline stage holds.
+  """
+  payload: dict[str, float] = {}
+  wire: dict[str, float] = {}
+  if s.mesh.tensor > 1:
+    t = s.mesh.tensor
+    payload["tensor"] = tensor_bytes(s)
+    wire["tensor"] = 2 * (t - 1) / t * payload["tensor"]
+  if s.mesh.pipe > 1:
+    payload["pipe"], wire["pipe"] = pipe_bytes(s, shared_grad_bytes)
+  spread = spread_head_bytes(s)
+  if spread:
+    key, p_bytes, w_bytes = spread
+    payload[key] = payload.get(key, 0.0) + p_bytes
+    wire[key] = wire.get(key, 0.0) + w_bytes
+  for key, (p, w) in data_bytes.items():
+    payload[key] = payload.get(key, 0.0) + p * data_frequency
+    wire[key] = wire.get(key, 0.0) + w * data_frequency
+  return payload, wire

@@ -1,0 +1,107 @@
+"""Communication report of a config's compiled train step (no arrays are created).
+
+The step is lowered from abstract inputs carrying the mesh's shardings, so large
+models can be accounted for on a laptop: only compilation runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxrec.config import validate
+from jaxrec.mesh import make_mesh, mesh_shape
+from jaxrec.models.recommender import ModelConfig, RecommenderFns
+from jaxrec.perf import analytic, hlo
+from jaxrec.train.step import TrainProgram
+
+
+def abstract_batch(program: TrainProgram) -> dict[str, jax.ShapeDtypeStruct]:
+  c = program.config
+  shape = (c.train.batch_size, c.data.max_len)
+  sharding = program.batch_sharding(2)
+  return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+          for k in ("inputs", "targets")}
+
+
+def build_program(config: ml_collections.ConfigDict, num_items: int) -> TrainProgram:
+  mesh = make_mesh(config.mesh)
+  validate(config, mesh_shape(mesh))
+  fns = RecommenderFns(ModelConfig.from_config(config.model, num_items, config.data.max_len))
+  return TrainProgram(config, fns, mesh)
+
+
+def compile_step(program: TrainProgram):
+  return program.jitted_train_step().lower(program.abstract_state(),
+                                            abstract_batch(program)).compile()
+
+
+def comm_report(program: TrainProgram) -> dict[str, Any]:
+  """Measured collectives (from the compiled HLO) next to the analytic volumes."""
+  compiled = compile_step(program)
+  report = hlo.analyze(compiled, program.mesh, program.branch_weights())
+  c = program.config
+  shape = mesh_shape(program.mesh)
+  step = analytic.StepShape(
+      mesh=shape, global_batch=c.train.batch_size, seq_len=c.data.max_len,
+      d_model=c.model.d_model, n_layers=c.model.n_layers,
+      act_bytes=jnp.dtype(program.fns.cfg.compute_dtype).itemsize,
+      virtual_stages=program.layout.virtual, head_spread=program.head_spread)
+  shared = {k: v for k, v in program.param_shapes.items() if k != "layers"}
+  shared_specs = {k: v for k, v in program.param_specs.items() if k != "layers"}
+  frequency = 1.0 / program.dp.every if program.dp.local else 1.0
+  payload, wire = analytic.analytic_bytes_by_axis(
+      step, program.grad_sync.analytic_bytes(), frequency,
+      analytic.shard_bytes(shared, shared_specs, shape))
+  report["analytic_bytes_by_axis"] = payload
+  report["analytic_wire_bytes_by_axis"] = wire
+  report["measured_over_analytic"] = _ratios(report["bytes_by_axis"], payload)
+  report["measured_over_analytic_wire"] = _ratios(report["wire_bytes_by_axis"], wire)
+  report["mesh"] = str(shape)
+  report["strategy"] = {"dp_mode": c.dp.mode, "sync_every": program.dp.every,
+                        "compression": c.compression.method,
+                        "hierarchical": program.grad_sync.hierarchical,
+                        "pipeline": (f"{c.pipeline.schedule} x{c.pipeline.microbatches}"
+                                     if program.pipe_axis else "none"),
+                        "layers_per_stage": list(program.layout.layers_per_stage),
+                        "head": "spread" if program.head_spread else "last"}
+  report["num_params"] = program.fns.num_params()
+  report["param_bytes_per_device"] = analytic.shard_bytes(
+      program.param_shapes, program.param_specs, shape)
+  report["device"] = f"{program.mesh.size}x {jax.devices()[0].device_kind} (compiled only)"
+  return report
+
+
+def _ratios(measured: dict[str, float], expected: dict[str, float]) -> dict[str, float | None]:
+  return {axis: (measured.get(axis, 0.0) / value if value else None)
+          for axis, value in expected.items()}
+
+
+def format_report(report: dict[str, Any]) -> str:
+  lines = [f"mesh {report['mesh']}  params {report['num_params'] / 1e6:.2f}M  "
+           f"per-device FLOPs/step {report['flops']:.3e}  peak memory "
+           f"{report['peak_memory_bytes'] / 2**20:.1f} MiB",
+           "", f"{'kind':<20}{'axes':<16}{'count':>7}{'bytes each':>14}{'bytes/step':>14}"]
+  for c in report["collectives"]:
+    if not c["axes"]:
+      continue
+    cond = " (unweighted branch)" if c["in_conditional"] else ""
+    lines.append(f"{c['kind']:<20}{','.join(c['axes']):<16}{c['count']:>7.2f}"
+                 f"{c['bytes']:>14,}{c['total_bytes']:>14,.0f}{cond}")
+  lines += ["", f"bytes per step by axis (buffers as counted in HLO; wire = ring model)",
+            f"{'axis':<16}{'measured':>14}{'analytic':>14}{'ratio':>7}"
+            f"{'wire meas.':>14}{'wire anal.':>14}{'ratio':>7}"]
+  axes = sorted(set(report["bytes_by_axis"]) | set(report["analytic_bytes_by_axis"]))
+  for axis in axes:
+    cells = []
+    for measured, analytic in (("bytes_by_axis", "analytic_bytes_by_axis"),
+                               ("wire_bytes_by_axis", "analytic_wire_bytes_by_axis")):
+      m = report[measured].get(axis, 0.0)
+      a = report[analytic].get(axis)
+      ratio = f"{m / a:7.3f}" if a else "      -"
+      cells.append(f"{m:>14,.0f}{(a or 0):>14,.0f}{ratio}")
+    lines.append(f"{axis:<16}{''.join(cells)}")
+  return "\n".join(lines)
