@@ -127,15 +127,16 @@ def is_axes_leaf(x: Any) -> bool:
   return _is_axes(x)
 
 
-def check_divisible(shape: Iterable[int], spec: P, mesh: Mesh, what: str) -> None:
+def check_divisible(shape: Iterable[int], spec: P, mesh: Mesh | MeshShape, what: str) -> None:
   """Clear error when a dim is not divisible by the mesh axes it is sharded over."""
+  sizes = mesh.as_dict() if isinstance(mesh, MeshShape) else mesh.shape
   for dim, entry in zip(shape, spec):
     if entry is None:
       continue
     names = (entry,) if isinstance(entry, str) else tuple(entry)
     size = 1
     for n in names:
-      size *= mesh.shape[n]
+      size *= sizes[n]
     if dim % size:
       raise PartitioningError(
           f"{what}: dimension {dim} is sharded over {names} of total size {size}, "

@@ -62,7 +62,10 @@ def stage_costs(costs: PieceCosts, layers_per_stage: Sequence[int], pipe: int,
     if s == 0:
       c += costs.embed
     if head == "spread":
-      c += costs.head / pipe
+      # each device scores its 1/P of the catalogue once per microbatch: charged to
+      # the device's last chunk (virtual stages s >= stages - pipe)
+      if s > last - pipe:
+        c += costs.head / pipe
     elif s == last:
       c += costs.head
     out.append(c)
@@ -91,7 +94,8 @@ def solve(costs: PieceCosts, n_layers: int, stages: int, pipe: int,
   def extra(s):
     e = costs.embed if s == 0 else 0.0
     if head == "spread":
-      e += costs.head / pipe
+      if s >= stages - pipe:
+        e += costs.head / pipe
     elif s == stages - 1:
       e += costs.head
     return e

@@ -130,3 +130,49 @@ def analytic_bytes_by_axis(s: StepShape, data_bytes: dict[str, tuple[float, floa
     payload[key] = payload.get(key, 0.0) + p * data_frequency
     wire[key] = wire.get(key, 0.0) + w * data_frequency
   return payload, wire
+
+
+# ---------------------------------------------------------------------------
+# FLOPs and memory: what the cost model and the planner need where a step is too
+# large to compile. Checked against the compiled HLO in tests/test_cost_model.py.
+# ---------------------------------------------------------------------------
+def layer_flops_per_token(d_model: int, d_ff: int, seq_len: int, mlp: str = "gelu") -> float:
+  """Forward FLOPs of one transformer layer per token: QKV + output projections,
+  the MLP, and the (dense, unmasked) attention score and value matmuls."""
+  mlp_mults = 3 if mlp == "swiglu" else 2
+  return 2.0 * (4 * d_model * d_model + mlp_mults * d_model * d_ff) + 4.0 * seq_len * d_model
+
+
+def head_flops_per_token(d_model: int, table_rows: int) -> float:
+  """Forward FLOPs of the tied full-softmax head per token: every item is scored."""
+  return 2.0 * d_model * table_rows
+
+
+def model_flops(cfg, tokens: int) -> float:
+  """Useful FLOPs of one train step (forward + backward = 3x forward) over all devices."""
+  per_token = (cfg.n_layers * layer_flops_per_token(cfg.d_model, cfg.d_ff, cfg.max_len, cfg.mlp)
+               + head_flops_per_token(cfg.d_model, cfg.table_rows))
+  return 3.0 * per_token * tokens
+
+
+def activation_bytes_per_token(cfg, tensor: int, act_bytes: int = FP32) -> tuple[float, float]:
+  """(per layer, head) bytes kept per token for the backward pass on one device.
+
+  Layer: residual stream, norms and their inputs (~6 x d, replicated over tensor),
+  Q/K/V and the attention output (4 x d / t), the MLP's pre- and post-activation
+  (2 x d_ff / t), the attention scores and probabilities (2 x heads / t x T).
+  Head: the local logits, their exponentials and the softmax gradient (3 x rows / t,
+  fp32: the loss is computed in fp32).
+  """
+  t = tensor
+  layer = act_bytes * (6 * cfg.d_model + (4 * cfg.d_model + 2 * cfg.d_ff) / t
+                       + 2 * cfg.n_heads / t * cfg.max_len)
+  head = FP32 * 3 * cfg.table_rows / t
+  return layer, head
+
+
+def state_bytes_per_param(compressed: bool, dp_mode: str) -> float:
+  """fp32 bytes held per (local) parameter: param, gradient, Adam's two moments, plus
+  the compressor's error feedback and the data-parallel mode's own copies."""
+  extra = {"sync": 0, "delayed": 1, "local_sgd": 1, "diloco": 2}.get(dp_mode, 0)
+  return FP32 * (4 + (1 if compressed else 0) + extra)

@@ -15,7 +15,7 @@ import ml_collections
 from jaxrec.config import validate
 from jaxrec.mesh import make_mesh, mesh_shape
 from jaxrec.models.recommender import ModelConfig, RecommenderFns
-from jaxrec.perf import analytic, hlo
+from jaxrec.perf import analytic, hlo, strategy
 from jaxrec.train.step import TrainProgram
 
 
@@ -45,17 +45,7 @@ def comm_report(program: TrainProgram) -> dict[str, Any]:
   report = hlo.analyze(compiled, program.mesh, program.branch_weights())
   c = program.config
   shape = mesh_shape(program.mesh)
-  step = analytic.StepShape(
-      mesh=shape, global_batch=c.train.batch_size, seq_len=c.data.max_len,
-      d_model=c.model.d_model, n_layers=c.model.n_layers,
-      act_bytes=jnp.dtype(program.fns.cfg.compute_dtype).itemsize,
-      virtual_stages=program.layout.virtual, head_spread=program.head_spread)
-  shared = {k: v for k, v in program.param_shapes.items() if k != "layers"}
-  shared_specs = {k: v for k, v in program.param_specs.items() if k != "layers"}
-  frequency = 1.0 / program.dp.every if program.dp.local else 1.0
-  payload, wire = analytic.analytic_bytes_by_axis(
-      step, program.grad_sync.analytic_bytes(), frequency,
-      analytic.shard_bytes(shared, shared_specs, shape))
+  payload, wire = strategy.analytic_volumes(strategy.layout_of(program))
   report["analytic_bytes_by_axis"] = payload
   report["analytic_wire_bytes_by_axis"] = wire
   report["measured_over_analytic"] = _ratios(report["bytes_by_axis"], payload)

@@ -1,0 +1,182 @@
+"""Cost model, analytic profiles and the planner (issue 7)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from jaxrec.mesh import MeshShape
+from jaxrec.perf import cost_model, planner, strategy
+from jaxrec.perf.comm import comm_report
+from jaxrec.perf.cost_model import Assumptions, CommOp, StepProfile
+from jaxrec.perf.hardware import H100, TPU_V5P, Hardware
+from tests.helpers import NUM_ITEMS, program, tiny_config
+
+TOY = Hardware(name="toy", peak_flops=100e12, peak_flops_fp32=50e12, hbm_bandwidth=1e12,
+               hbm_bytes=16e9, fast_bandwidth=100e9, slow_bandwidth=10e9,
+               fast_latency=1e-6, slow_latency=10e-6, fast_domain=4)
+
+
+# ------------------------------------------------------------ hand-computed cases
+def test_axis_tiers_follow_the_mesh_nesting():
+  # inner axes first: tensor:8 fills one H100 node; anything outside it is InfiniBand
+  assert cost_model.axis_tier(("tensor",), MeshShape(data=4, tensor=8), H100) == "fast"
+  assert cost_model.axis_tier(("data",), MeshShape(data=4, tensor=8), H100) == "slow"
+  assert cost_model.axis_tier(("data",), MeshShape(data=2, tensor=4), H100) == "fast"
+  assert cost_model.axis_tier(("replica", "data"), MeshShape(replica=4, data=4), H100) == "slow"
+  # a v5p slice is one ICI domain
+  assert cost_model.axis_tier(("data",), MeshShape(data=256, tensor=4), TPU_V5P) == "fast"
+
+
+def test_prediction_matches_a_hand_computed_step():
+  mesh = MeshShape(data=4, tensor=2)      # tensor inner 2 <= 4: fast; data inner 8 > 4: slow
+  a = Assumptions(compute_efficiency=0.5, link_efficiency=0.8)
+  tensor = CommOp.ring("all-reduce", ("tensor",), payload_bytes=1e6, count=10, group_size=2)
+  data = CommOp.ring("all-reduce", ("data",), payload_bytes=4e8, count=1, group_size=4)
+  # ring all-reduce: each device sends 2 (n-1)/n of the payload; latency 2 ceil(log2 n)
+  assert tensor.wire_bytes == pytest.approx(10 * 1e6)
+  assert tensor.latency_steps == 10 * 2
+  assert data.wire_bytes == pytest.approx(1.5 * 4e8)
+  assert data.latency_steps == 4
+  profile = StepProfile(mesh=mesh, flops=5e12, model_flops=8 * 5e12, tokens=1000,
+                        comm=(tensor, data), peak_memory_bytes=8e9, stretch=1.25)
+  pred = cost_model.predict(profile, TOY, a)
+  compute = 5e12 / (50e12 * 0.5)                                   # fp32 peak: 0.2 s
+  t_tensor = 20 * 1e-6 + 1e7 / (100e9 * 0.8)                       # fast tier
+  t_data = 4 * 10e-6 + 6e8 / (10e9 * 0.8)                          # slow tier
+  assert pred.compute_time == pytest.approx(compute)
+  assert pred.comm_time_by_axis["tensor"] == pytest.approx(t_tensor)
+  assert pred.comm_time_by_axis["data"] == pytest.approx(t_data)
+  step = 1.25 * (compute + t_tensor) + t_data
+  assert pred.step_time == pytest.approx(step)
+  assert pred.tokens_per_second == pytest.approx(1000 / step)
+  assert pred.utilization == pytest.approx(8 * 5e12 / (8 * 50e12 * step))
+  assert pred.fits and pred.memory_fraction == pytest.approx(0.5)
+
+
+def test_delayed_mode_hides_the_data_exchange_behind_backward():
+  mesh = MeshShape(data=8)
+  data = CommOp(("data",), wire_bytes=1e9, latency_steps=0)
+  base = dict(mesh=mesh, flops=5e12, model_flops=4e13, tokens=1, comm=(data,),
+              peak_memory_bytes=1.0)
+  a = Assumptions(compute_efficiency=1.0, link_efficiency=1.0)
+  sync = cost_model.predict(StepProfile(**base), TOY, a)
+  delayed = cost_model.predict(StepProfile(**base, data_overlap=1.0), TOY, a)
+  compute, comm = 5e12 / 50e12, 1e9 / 10e9
+  assert sync.step_time == pytest.approx(compute + comm)
+  # 2/3 of the compute is backward: 0.0667 s of the 0.1 s exchange is hidden
+  assert delayed.step_time == pytest.approx(compute + comm - 2 / 3 * compute)
+
+
+# ------------------------------------------------- analytic profile vs compiled HLO
+CASES = [
+    ("data:8", {}),
+    ("data:4,tensor:2", {}),
+    ("tensor:4,data:2", {}),
+    ("data:8", {"compression.method": "int8"}),
+    ("replica:2,data:4", {"compression.method": "int8", "compression.hierarchical": True}),
+    ("data:2,pipe:2,tensor:2", {"pipeline.schedule": "1f1b", "pipeline.microbatches": 4}),
+    ("pipe:2,data:4", {"model.n_layers": 4, "pipeline.schedule": "interleaved",
+                       "pipeline.virtual_stages": 2, "pipeline.microbatches": 2,
+                       "pipeline.head": "spread"}),
+]
+
+
+@pytest.mark.parametrize("spec, overrides", CASES, ids=[c[0] + str(len(c[1])) for c in CASES])
+def test_analytic_profile_agrees_with_the_compiled_step(spec, overrides):
+  """Bytes per axis within 5% and FLOPs within 1%: the formulas used beyond 64
+  devices are the ones checked here on every strategy the CPU can compile."""
+  config = tiny_config(mesh=spec, **overrides)
+  prog = program(config, spec)
+  report = comm_report(prog)
+  hlo = strategy.hlo_profile(strategy.layout_of(prog), report)
+  lay = strategy.layout_for(config, NUM_ITEMS, prog.shape)
+  assert lay.layout.layers_per_stage == prog.layout.layers_per_stage
+  ana = strategy.analytic_profile(lay)
+  assert ana.flops == pytest.approx(hlo.flops, rel=0.01)
+  measured = _by_axis(hlo.comm)
+  expected = _by_axis(ana.comm)
+  for key, value in expected.items():
+    if value > 0.01 * sum(expected.values()):
+      assert measured.get(key, 0.0) == pytest.approx(value, rel=0.05), key
+  assert sum(measured.values()) == pytest.approx(sum(expected.values()), rel=0.05)
+
+
+def _by_axis(ops):
+  out = {}
+  for op in ops:
+    key = ",".join(op.axes)
+    out[key] = out.get(key, 0.0) + op.wire_bytes
+  return out
+
+
+# --------------------------------------------------------------------- planner
+def planner_config(devices: int):
+  c = tiny_config(**{"train.batch_size": 16, "model.n_layers": 4, "model.dropout": 0.0})
+  c.model.d_model, c.model.d_ff = 256, 1024      # big enough that compute matters
+  return c
+
+
+def brute_force(config, devices: int, hw: Hardware):
+  """Every (replica, data, pipe, tensor) in [1..N]^4 with product N, every schedule,
+  virtual depth, microbatch count and compression — no planner filters; layouts the
+  library rejects are skipped."""
+  best = math.inf
+  sizes = range(1, devices + 1)
+  for r, d, p, t in itertools.product(sizes, repeat=4):
+    if r * d * p * t != devices:
+      continue
+    shape = MeshShape(replica=r, data=d, pipe=p, tensor=t)
+    local = config.train.batch_size / (r * d)
+    pipes = [{}]
+    if p > 1:
+      pipes = [{"pipeline.schedule": s, "pipeline.virtual_stages": v, "pipeline.microbatches": m}
+               for s in planner.SCHEDULES for v in range(1, planner.MAX_VIRTUAL + 1)
+               for m in range(1, planner.MAX_MICROBATCHES_PER_STAGE * p + 1)]
+    comps = [{"compression.method": c, "compression.hierarchical": h}
+             for c in planner.COMPRESSIONS for h in (False, True)]
+    for extra in pipes:
+      for comp in comps:
+        try:
+          if local != int(local) or (p > 1 and int(local) % extra["pipeline.microbatches"]):
+            raise ValueError("batch")
+          cand = planner.evaluate(config, NUM_ITEMS, shape, {**extra, **comp}, hw)
+        except ValueError:
+          continue
+        if cand.prediction.fits:
+          best = min(best, cand.prediction.step_time)
+  return best
+
+
+@pytest.mark.parametrize("devices, hw", [(4, H100), (8, TOY)], ids=["4xh100", "8xtoy"])
+def test_planner_finds_the_brute_force_best(devices, hw):
+  config = planner_config(devices)
+  fits, _ = planner.plan(config, NUM_ITEMS, devices, hw)
+  assert fits, "the planner found nothing that fits"
+  assert fits[0].prediction.step_time == pytest.approx(brute_force(config, devices, hw), rel=1e-9)
+  times = [c.prediction.step_time for c in fits]
+  assert times == sorted(times)
+
+
+def test_planner_drops_plans_that_do_not_fit_memory():
+  config = planner_config(4)
+  tiny = Hardware(**{**TOY.__dict__, "name": "tiny-memory", "hbm_bytes": 30e6})
+  fits, rejected = planner.plan(config, NUM_ITEMS, 4, tiny)
+  assert rejected and all(not c.prediction.fits for c in rejected)
+  assert fits and all(c.profile.peak_memory_bytes <= 30e6 for c in fits)
+  # the replicated table does not fit, so data-only is among the rejected
+  assert any(c.shape == MeshShape(data=4) for c in rejected)
+
+
+def test_a_plan_runs_with_its_own_overrides():
+  """The flags the planner prints build a program whose layout is what it costed."""
+  config = planner_config(8)
+  fits, _ = planner.plan(config, NUM_ITEMS, 8, H100)
+  piped = next(c for c in fits if c.shape.pipe > 1)
+  run = planner.apply(config, piped.overrides)
+  prog = program(run, run.mesh)
+  counts = tuple(int(n) for n in piped.overrides["pipeline.layers_per_stage"].split(","))
+  assert tuple(prog.layout.layers_per_stage) == counts
+  assert prog.head_spread == (piped.overrides["pipeline.head"] == "spread")
