@@ -9,7 +9,11 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
                            " --xla_cpu_collective_call_terminate_timeout_seconds=1800"
                            " --xla_cpu_collective_call_warn_stuck_timeout_seconds=300"
-                           " --xla_cpu_collective_timeout_seconds=1800").strip()
+                           " --xla_cpu_collective_timeout_seconds=1800"
+                           # tests compile far more than they run: skip LLVM's costly
+                           # passes (~30% off the suite; equivalence is unaffected)
+                           " --xla_backend_optimization_level=0"
+                           " --xla_llvm_disable_expensive_passes=true").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

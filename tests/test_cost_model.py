@@ -32,7 +32,7 @@ def test_axis_tiers_follow_the_mesh_nesting():
 
 def test_prediction_matches_a_hand_computed_step():
   mesh = MeshShape(data=4, tensor=2)      # tensor inner 2 <= 4: fast; data inner 8 > 4: slow
-  a = Assumptions(compute_efficiency=0.5, link_efficiency=0.8)
+  a = Assumptions(compute_efficiency=0.5, memory_efficiency=0.8, link_efficiency=0.8)
   tensor = CommOp.ring("all-reduce", ("tensor",), payload_bytes=1e6, count=10, group_size=2)
   data = CommOp.ring("all-reduce", ("data",), payload_bytes=4e8, count=1, group_size=4)
   # ring all-reduce: each device sends 2 (n-1)/n of the payload; latency 2 ceil(log2 n)
@@ -41,9 +41,10 @@ def test_prediction_matches_a_hand_computed_step():
   assert data.wire_bytes == pytest.approx(1.5 * 4e8)
   assert data.latency_steps == 4
   profile = StepProfile(mesh=mesh, flops=5e12, model_flops=8 * 5e12, tokens=1000,
-                        comm=(tensor, data), peak_memory_bytes=8e9, stretch=1.25)
+                        comm=(tensor, data), peak_memory_bytes=8e9, elementwise_bytes=8e10,
+                        stretch=1.25)
   pred = cost_model.predict(profile, TOY, a)
-  compute = 5e12 / (50e12 * 0.5)                                   # fp32 peak: 0.2 s
+  compute = 5e12 / (50e12 * 0.5) + 8e10 / (1e12 * 0.8)            # fp32 peak + HBM: 0.3 s
   t_tensor = 20 * 1e-6 + 1e7 / (100e9 * 0.8)                       # fast tier
   t_data = 4 * 10e-6 + 6e8 / (10e9 * 0.8)                          # slow tier
   assert pred.compute_time == pytest.approx(compute)

@@ -139,7 +139,7 @@ def test_1f1b_holds_less_memory_than_gpipe():
   peaks = {}
   for name in ("gpipe", "1f1b"):
     config = tiny_config(**{"pipeline.schedule": name, "pipeline.microbatches": 8,
-                             "model.n_layers": 4, "model.d_model": 32, "model.d_ff": 64,
+                             "model.n_layers": 2, "model.d_model": 32, "model.d_ff": 64,
                              "data.max_len": 16, "train.batch_size": 32, "model.dropout": 0.0})
     prog = program(config, "pipe:2", 2)
     compiled = prog.jitted_train_step().lower(prog.abstract_state(), abstract_batch(prog)).compile()

@@ -176,3 +176,22 @@ def state_bytes_per_param(compressed: bool, dp_mode: str) -> float:
   the compressor's error feedback and the data-parallel mode's own copies."""
   extra = {"sync": 0, "delayed": 1, "local_sgd": 1, "diloco": 2}.get(dp_mode, 0)
   return FP32 * (4 + (1 if compressed else 0) + extra)
+
+
+def elementwise_bytes(cfg, local_tokens: float, tensor: int, pipe: int,
+                      act_bytes: int = FP32) -> float:
+  """Memory traffic per device per step of the work that is not matmuls (norms,
+  residual adds, GELU, the attention softmax, the item softmax): bandwidth-bound,
+  so the cost model charges it to HBM rather than to the FLOP peak.
+
+  Per layer and token (forward): two layer norms and two residual adds (~10 d reads
+  and writes), GELU/SwiGLU on the hidden (~4 d_ff / t), softmax over the scores
+  (~6 heads / t x T); the backward pass moves about twice that. The head writes,
+  re-reads for the max and the exponentials, and forms the gradient of every local
+  logit (~5 fp32 passes). XLA's own `bytes accessed` is not used: it counts loop
+  bodies once and charges a gather for its whole operand.
+  """
+  t = tensor
+  per_layer = act_bytes * (10 * cfg.d_model + 4 * cfg.d_ff / t + 6 * cfg.n_heads / t * cfg.max_len)
+  head = FP32 * 5 * cfg.table_rows / t
+  return local_tokens / pipe * (3 * cfg.n_layers * per_layer + head)

@@ -5,8 +5,10 @@ per mesh axis, peak memory (from the compiled HLO, or the analytic formulas wher
 step is too large to compile) — and a hardware profile (`perf/hardware.py`). The
 model is deliberately small so every term can be checked by hand:
 
-  compute  = FLOPs / (peak x compute_efficiency), stretched by the pipeline's
-             lockstep schedule (bubble and stage imbalance: `stretch` >= 1)
+  compute  = FLOPs / (peak x compute_efficiency)
+             + elementwise bytes / (HBM bandwidth x memory_efficiency),
+             stretched by the pipeline's lockstep schedule (bubble and stage
+             imbalance: `stretch` >= 1)
   comm(op) = launches x latency(tier) + wire bytes / (bandwidth(tier) x link_efficiency)
   step     = stretch x (compute + tensor comm) + pipe comm
              + max(0, data comm - data_overlap x backward compute)
@@ -48,12 +50,15 @@ class Assumptions:
   bandwidth ~80% of link peak); a fitted local profile measures its own peaks, so
   there the efficiencies are 1."""
   compute_efficiency: float = 0.5
+  memory_efficiency: float = 0.8
   link_efficiency: float = 0.8
   backward_share: float = 2.0 / 3.0   # backward = 2x forward FLOPs
 
   @classmethod
   def for_hardware(cls, hw: Hardware) -> "Assumptions":
-    return cls(compute_efficiency=1.0, link_efficiency=1.0) if hw.name.startswith("local") else cls()
+    if hw.name.startswith("local"):
+      return cls(compute_efficiency=1.0, memory_efficiency=1.0, link_efficiency=1.0)
+    return cls()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +90,7 @@ class StepProfile:
   tokens: int                  # global tokens per step
   comm: tuple[CommOp, ...]
   peak_memory_bytes: float
+  elementwise_bytes: float = 0.0   # HBM traffic of the non-matmul work per device
   stretch: float = 1.0         # lockstep pipeline time / average busy time (>= 1)
   data_overlap: float = 0.0    # share of the data exchange that may hide behind backward
   bf16: bool = False           # compute dtype: bf16 runs at the bf16 peak
@@ -129,7 +135,8 @@ def comm_time(op: CommOp, mesh: MeshShape, hw: Hardware, a: Assumptions) -> floa
 def predict(profile: StepProfile, hw: Hardware, a: Assumptions | None = None) -> Prediction:
   a = a or Assumptions.for_hardware(hw)
   peak = hw.peak_flops if profile.bf16 else hw.peak_flops_fp32
-  compute = profile.flops / (peak * a.compute_efficiency)
+  compute = (profile.flops / (peak * a.compute_efficiency)
+             + profile.elementwise_bytes / (hw.hbm_bandwidth * a.memory_efficiency))
   by_axis: dict[str, float] = {}
   for op in profile.comm:
     key = ",".join(op.axes)

@@ -203,11 +203,22 @@ def executed_flops(lay: Layout) -> float:
   return total / lay.shape.num_devices
 
 
+def elementwise_bytes(lay: Layout) -> float:
+  """Activation-side traffic plus the optimizer's: Adam reads the param, gradient
+  and both moments and writes three of them back (7 fp32 passes per local param)."""
+  local_tokens = lay.tokens / lay.shape.data_size
+  params = analytic.shard_bytes(lay.param_shapes, lay.param_specs, lay.shape)
+  return 7 * params + analytic.elementwise_bytes(
+      lay.cfg, local_tokens, lay.shape.tensor, lay.shape.pipe,
+      jnp.dtype(lay.cfg.compute_dtype).itemsize)
+
+
 def analytic_profile(lay: Layout) -> StepProfile:
   return StepProfile(
       mesh=lay.shape, flops=executed_flops(lay),
       model_flops=analytic.model_flops(lay.cfg, lay.tokens), tokens=lay.tokens,
       comm=analytic_comm(lay), peak_memory_bytes=analytic_memory(lay),
+      elementwise_bytes=elementwise_bytes(lay),
       stretch=pipeline_stretch(lay), data_overlap=_overlap(lay.config),
       bf16=lay.cfg.dtype == "bfloat16", source="analytic")
 
@@ -224,6 +235,7 @@ def hlo_profile(lay: Layout, report: dict[str, Any]) -> StepProfile:
       mesh=lay.shape, flops=report["flops"],
       model_flops=analytic.model_flops(lay.cfg, lay.tokens), tokens=lay.tokens,
       comm=tuple(ops), peak_memory_bytes=report["peak_memory_bytes"],
+      elementwise_bytes=elementwise_bytes(lay),
       stretch=pipeline_stretch(lay), data_overlap=_overlap(lay.config),
       bf16=lay.cfg.dtype == "bfloat16", source="hlo")
 
