@@ -71,14 +71,8 @@ VARIANTS: dict[str, dict[str, object]] = {
 
 
 def apply(config, overrides):
-  c = config.copy_and_resolve_references()
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  from jaxrec.config import with_overrides
+  return with_overrides(config, overrides)
 
 
 def main(argv):

@@ -207,3 +207,16 @@ def _choice(c: ml_collections.ConfigDict, dotted: str, valid: tuple[str, ...]) -
   value = _get(c, dotted)
   if value not in valid:
     raise ConfigError(f"config.{dotted} = {value!r}; valid values are {', '.join(valid)}")
+
+
+def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted fields set (`{"pipeline.schedule": "1f1b"}`): what
+  `--config.<field>=` does on the command line, for sweeps and planners."""
+  c = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for name in parents:
+      node = node[name]
+    node[leaf] = value
+  return c

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec.config import default_config
+from jaxrec.config import default_config, with_overrides
 from jaxrec.data.batches import to_global
 from jaxrec.mesh import make_mesh
 from jaxrec.models.recommender import ModelConfig, RecommenderFns
@@ -29,13 +29,7 @@ def tiny_config(**overrides):
   c.model.n_layers = 2
   c.model.d_ff = 32
   c.model.dropout = 0.1
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return with_overrides(c, overrides)
 
 
 def tiny_fns(config) -> RecommenderFns:

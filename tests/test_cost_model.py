@@ -30,6 +30,21 @@ def test_axis_tiers_follow_the_mesh_nesting():
   assert cost_model.axis_tier(("data",), MeshShape(data=256, tensor=4), TPU_V5P) == "fast"
 
 
+def test_tensor_innermost_placement_is_faster_than_tensor_outermost():
+  """Issue 6's axis placement, as the cost model sees it: the same step with the
+  tensor all-reduces on InfiniBand instead of NVLink."""
+  mesh = MeshShape(data=4, tensor=8)
+  tensor = CommOp.ring("all-reduce", ("tensor",), 50e6, count=40, group_size=8)
+  data = CommOp.ring("all-reduce", ("data",), 200e6, count=1, group_size=4)
+  profile = StepProfile(mesh=mesh, flops=1e14, model_flops=3.2e15, tokens=1,
+                        comm=(tensor, data), peak_memory_bytes=1.0)
+  ours = cost_model.predict(profile, H100)
+  swapped = cost_model.predict(profile, H100, placement=("replica", "tensor", "pipe", "data"))
+  assert cost_model.axis_tier(("tensor",), mesh, H100, ("replica", "tensor", "pipe", "data")) == "slow"
+  assert ours.step_time < swapped.step_time
+  assert ours.comm_time_by_axis["tensor"] * 5 < swapped.comm_time_by_axis["tensor"]
+
+
 def test_prediction_matches_a_hand_computed_step():
   mesh = MeshShape(data=4, tensor=2)      # tensor inner 2 <= 4: fast; data inner 8 > 4: slow
   a = Assumptions(compute_efficiency=0.5, memory_efficiency=0.8, link_efficiency=0.8)

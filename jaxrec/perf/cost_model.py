@@ -113,26 +113,32 @@ class Prediction:
     return dataclasses.asdict(self)
 
 
-def axis_tier(axes: Iterable[str], mesh: MeshShape, hw: Hardware) -> str:
-  """'fast' when every axis in `axes`, with all axes inside it, fits one domain."""
+def axis_tier(axes: Iterable[str], mesh: MeshShape, hw: Hardware,
+              placement: tuple[str, ...] = AXES) -> str:
+  """'fast' when every axis in `axes`, with all axes inside it, fits one domain.
+
+  `placement` is the device layout, outermost first: jaxrec's meshes (mesh.py) put
+  `tensor` innermost; another order shows what that placement is worth."""
   sizes = mesh.as_dict()
   for axis in axes:
-    inner = math.prod(sizes[a] for a in AXES[AXES.index(axis):])
+    inner = math.prod(sizes[a] for a in placement[placement.index(axis):])
     if inner > hw.fast_domain:
       return "slow"
   return "fast"
 
 
-def comm_time(op: CommOp, mesh: MeshShape, hw: Hardware, a: Assumptions) -> float:
+def comm_time(op: CommOp, mesh: MeshShape, hw: Hardware, a: Assumptions,
+              placement: tuple[str, ...] = AXES) -> float:
   if not op.axes or (op.wire_bytes == 0 and op.latency_steps == 0):
     return 0.0
-  tier = axis_tier(op.axes, mesh, hw)
+  tier = axis_tier(op.axes, mesh, hw, placement)
   bandwidth = (hw.fast_bandwidth if tier == "fast" else hw.slow_bandwidth) * a.link_efficiency
   latency = hw.fast_latency if tier == "fast" else hw.slow_latency
   return op.latency_steps * latency + op.wire_bytes / bandwidth
 
 
-def predict(profile: StepProfile, hw: Hardware, a: Assumptions | None = None) -> Prediction:
+def predict(profile: StepProfile, hw: Hardware, a: Assumptions | None = None,
+            placement: tuple[str, ...] = AXES) -> Prediction:
   a = a or Assumptions.for_hardware(hw)
   peak = hw.peak_flops if profile.bf16 else hw.peak_flops_fp32
   compute = (profile.flops / (peak * a.compute_efficiency)
@@ -140,7 +146,7 @@ def predict(profile: StepProfile, hw: Hardware, a: Assumptions | None = None) ->
   by_axis: dict[str, float] = {}
   for op in profile.comm:
     key = ",".join(op.axes)
-    by_axis[key] = by_axis.get(key, 0.0) + comm_time(op, profile.mesh, hw, a)
+    by_axis[key] = by_axis.get(key, 0.0) + comm_time(op, profile.mesh, hw, a, placement)
   tensor = sum(t for k, t in by_axis.items() if k == "tensor")
   data_keys = [k for k in by_axis if set(k.split(",")) <= {"replica", "data"}]
   data = sum(by_axis[k] for k in data_keys)

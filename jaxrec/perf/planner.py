@@ -13,7 +13,6 @@ dropped if its predicted peak memory does not fit, and ranked by step time.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import itertools
@@ -21,6 +20,7 @@ from typing import Any, Iterator
 
 import ml_collections
 
+from jaxrec.config import with_overrides
 from jaxrec.mesh import AXES, MeshShape
 from jaxrec.models.recommender import ModelConfig, RecommenderFns
 from jaxrec.parallel import pipeline
@@ -115,15 +115,7 @@ def variants(config: ml_collections.ConfigDict, shape: MeshShape,
     yield {**p, **c}
 
 
-def apply(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-  c = copy.deepcopy(config)
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
-  return c
+apply = with_overrides
 
 
 @functools.lru_cache(maxsize=16)
