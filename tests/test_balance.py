@@ -11,7 +11,7 @@ from jaxrec.parallel import balance
 from jaxrec.parallel.balance import PieceCosts
 from jaxrec.parallel.pipeline import Schedule, StageLayout
 from tests.test_pipeline import check_against_reference
-from tests.helpers import tiny_config
+from tests.helpers import program, tiny_config
 
 
 def brute_force(costs, n_layers, stages, pipe, head, layer_costs):
@@ -113,3 +113,15 @@ def test_rebalancing_mid_run_keeps_the_state_and_the_loss_curve(tmp_path):
                       .splitlines() if '"lr"' in l]
   np.testing.assert_allclose(losses(moved), losses(fixed), rtol=1e-5)
   assert summary["test"]["users"] == 32
+
+
+def test_timed_piece_costs_are_measured_on_the_devices():
+  """`balance_costs = "timed"`: every piece is run and timed, and the head over a
+  large catalogue costs more than one small layer."""
+  config = tiny_config(**{"pipeline.microbatches": 2, "model.dropout": 0.0})
+  prog = program(config, "pipe:2,data:4")
+  costs = balance.measure(prog, timed=True, repeats=3)
+  assert costs.source.startswith("timed on")
+  for name in ("layer_fwd", "layer_bwd", "embed_fwd", "embed_bwd", "head"):
+    value = getattr(costs, name)
+    assert 0 < value < 10, (name, value)

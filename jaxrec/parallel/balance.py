@@ -19,7 +19,6 @@ each microbatch (parallel/pipeline.py), and the balancer accounts for that.
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any, Sequence
 
 import jax
@@ -284,12 +283,9 @@ def measure(program, hardware=None, timed: bool = False, repeats: int = 5) -> Pi
 
 def _time(compiled, args, in_specs, mesh, repeats: int) -> Seconds:
   del in_specs, mesh
-  arrays = jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding),
+  from jaxrec.perf.microbench import median_seconds
+
+  def make():   # fresh each call: some pieces donate their accumulator
+    return jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding),
                         args, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-  jax.block_until_ready(compiled(*arrays))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*arrays))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  return median_seconds(compiled, make, repeats)

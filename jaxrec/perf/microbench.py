@@ -23,10 +23,13 @@ from jaxrec.perf.cost_model import LATENCY_STEPS, RING_WIRE
 from jaxrec.perf.hardware import Hardware
 
 
-def _median_time(fn: Callable, args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))   # compile + warm up
+def median_seconds(fn: Callable, make_args: Callable[[], tuple], repeats: int) -> float:
+  """Median wall time of `fn(*make_args())` after one warm-up (compile) call. Fresh
+  arguments each call (made outside the timed region): `fn` may donate them."""
+  jax.block_until_ready(fn(*make_args()))
   times = []
   for _ in range(repeats):
+    args = jax.block_until_ready(make_args())
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
@@ -50,7 +53,7 @@ def matmul_flops(mesh, n: int = 512, dtype=jnp.float32, repeats: int = 5, chain:
                              out_specs=P("all")))
   a = _per_device(mesh, (n, n), dtype, 0)
   b = _per_device(mesh, (n, n), dtype, 1) * (1.0 / np.sqrt(n))
-  seconds = _median_time(fn, (a, b.astype(dtype)), repeats)
+  seconds = median_seconds(fn, lambda: (a, b.astype(dtype)), repeats)
   return chain * 2.0 * n ** 3 / seconds
 
 
@@ -60,7 +63,7 @@ def memory_bandwidth(mesh, mib: int = 64, repeats: int = 5) -> float:
   fn = jax.jit(jax.shard_map(lambda x: x * 2.0 + 1.0, mesh=mesh, in_specs=P("all"),
                              out_specs=P("all")))
   x = _per_device(mesh, (elems,), jnp.float32)
-  return 2.0 * elems * 4 / _median_time(fn, (x,), repeats)
+  return 2.0 * elems * 4 / median_seconds(fn, lambda: (x,), repeats)
 
 
 def all_reduce_fit(mesh, sizes_kib=(1, 16, 256, 1024, 4096, 16384), repeats: int = 5
@@ -73,7 +76,7 @@ def all_reduce_fit(mesh, sizes_kib=(1, 16, 256, 1024, 4096, 16384), repeats: int
   for kib in sizes_kib:
     elems = kib * 1024 // 4
     x = _per_device(mesh, (elems,), jnp.float32)
-    seconds = _median_time(fn, (x,), repeats)
+    seconds = median_seconds(fn, lambda: (x,), repeats)
     rows.append([LATENCY_STEPS["all-reduce"](n), RING_WIRE["all-reduce"](n) * elems * 4])
     samples.append((elems * 4, seconds))
   a = np.asarray(rows, np.float64)
