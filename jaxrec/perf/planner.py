@@ -1,13 +1,13 @@
 """Automatic strategy planning: every way to run a config on N devices, ranked.
 
-Candidates are the factorisations of N over (replica, data, pipe, tensor), each
-pipeline schedule with every valid microbatch count up to 8 per stage and interleaving depth
-up to 4 (layers split by the balancer on
-analytic costs), and the gradient compressions that kept quality within seed noise
-in our ML-1M sweep (none, bf16, int8; top-k, PowerSGD and sign lost 3-10% NDCG, so
-the planner does not trade quality for speed on the user's behalf). A `replica`
-axis only pays off with hierarchical compression over it, so it is only tried with
-one. Each candidate is costed from the analytic profile (no devices needed),
+Candidates are the factorisations of N over (replica, data, pipe, tensor); for a
+pipeline every schedule with every valid microbatch count up to 8 per stage and
+interleaving depth up to 4 (layers split by the balancer on analytic costs); and
+the gradient compressions that kept quality within seed noise in our ML-1M sweep
+(none, bf16, int8; top-k, PowerSGD and sign lost 3-10% NDCG, so the planner does
+not trade quality for speed on the user's behalf). A `replica` axis only pays off
+with hierarchical compression over it, so it is only tried with one. Each
+candidate is costed from the analytic profile (no devices needed),
 dropped if its predicted peak memory does not fit, and ranked by step time.
 """
 
