@@ -77,18 +77,14 @@ def best_on(config, num_items, shape, hw):
 
 
 def hlo_cost(config, num_items, cand, hw):
-  """Re-costs a candidate from its compiled step (None if it cannot be compiled here)."""
+  """(profile, prediction, comm report) of a candidate from its compiled step, on
+  the first N of this process's (fake) devices."""
   import jax
-  from jaxrec.mesh import make_mesh
-  from jaxrec.models.recommender import ModelConfig, RecommenderFns
   from jaxrec.perf import cost_model, planner, strategy
-  from jaxrec.perf.comm import comm_report
-  from jaxrec.train.step import TrainProgram
+  from jaxrec.perf.comm import build_program, comm_report
 
-  c = planner.apply(config, cand.overrides)
-  mesh = make_mesh(c.mesh, jax.devices()[:cand.shape.num_devices])
-  fns = RecommenderFns(ModelConfig.from_config(c.model, num_items, c.data.max_len))
-  program = TrainProgram(c, fns, mesh)
+  program = build_program(planner.apply(config, cand.overrides), num_items,
+                          jax.devices()[:cand.shape.num_devices])
   report = comm_report(program)
   profile = strategy.hlo_profile(strategy.layout_of(program), report)
   return profile, cost_model.predict(profile, hw), report

@@ -6,7 +6,7 @@ models can be accounted for on a laptop: only compilation runs.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +27,10 @@ def abstract_batch(program: TrainProgram) -> dict[str, jax.ShapeDtypeStruct]:
           for k in ("inputs", "targets")}
 
 
-def build_program(config: ml_collections.ConfigDict, num_items: int) -> TrainProgram:
-  mesh = make_mesh(config.mesh)
+def build_program(config: ml_collections.ConfigDict, num_items: int,
+                  devices: Sequence[jax.Device] | None = None) -> TrainProgram:
+  """The config's program on `devices` (default: all of them)."""
+  mesh = make_mesh(config.mesh, devices)
   validate(config, mesh_shape(mesh))
   fns = RecommenderFns(ModelConfig.from_config(config.model, num_items, config.data.max_len))
   return TrainProgram(config, fns, mesh)

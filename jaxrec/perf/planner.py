@@ -53,13 +53,7 @@ class Candidate:
     return _spec(self.shape)
 
   def flags(self) -> str:
-    return " ".join(f"--config.{k}={_flag(v)}" for k, v in self.overrides.items())
-
-
-def _flag(value: Any) -> str:
-  if isinstance(value, (tuple, list)):
-    return ",".join(str(v) for v in value)
-  return str(value)
+    return " ".join(f"--config.{k}={v}" for k, v in self.overrides.items())
 
 
 def factorisations(n: int, parts: int = 4) -> Iterator[tuple[int, ...]]:
