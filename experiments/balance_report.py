@@ -35,19 +35,21 @@ def main(argv):
   runtime.setup()
   from jaxrec.data import load_dataset
   from jaxrec.parallel import balance
-  from jaxrec.perf import hardware
+  from jaxrec import hardware
   from jaxrec.perf.comm import build_program
 
   config = _CONFIG.value
   with runtime.user_errors():
     num_items = _NUM_ITEMS.value or load_dataset(config.data).num_items
     program = build_program(config, num_items)
-  if not program.pipe_axis:
-    raise app.UsageError(f"the mesh {program.shape} has no pipe axis to balance")
+  lay = program.layout
+  if not lay.pipe_axis:
+    raise app.UsageError(f"the mesh {lay.mesh} has no pipe axis to balance")
   timed = _HARDWARE.value == "timed"
-  costs = balance.measure(program, None if timed else hardware.get(_HARDWARE.value), timed=timed)
-  p, v = program.shape.pipe, config.pipeline.virtual_stages
-  args = (costs, config.model.n_layers, p, v, config.pipeline.schedule, program.microbatches)
+  costs = balance.measure(program.fns, program.mesh, config,
+                          None if timed else hardware.get(_HARDWARE.value), timed=timed)
+  p, v = lay.mesh.pipe, config.pipeline.virtual_stages
+  args = (costs, config.model.n_layers, p, v, config.pipeline.schedule, lay.microbatches)
   plans = {
       "uniform, head on last stage": balance.uniform_plan(*args, head="last"),
       "balanced, head on last stage": balance.plan(*args, heads=("last",)),
@@ -57,7 +59,7 @@ def main(argv):
   best = min(plans.values(), key=lambda pl: pl.step_time)
   unit = 1e3
   print(f"{config.model.n_layers} layers, {num_items} items, d_model {config.model.d_model}, "
-        f"mesh {program.shape}, {config.pipeline.schedule} x{program.microbatches}; costs: "
+        f"mesh {lay.mesh}, {config.pipeline.schedule} x{lay.microbatches}; costs: "
         f"{costs.source}")
   print(f"per microbatch (ms): layer fwd {costs.layer_fwd * unit:.4f} bwd "
         f"{costs.layer_bwd * unit:.4f}, embed {costs.embed * unit:.4f}, head "
@@ -75,7 +77,7 @@ def main(argv):
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   (out / "balance_report.json").write_text(json.dumps({
-      "config": config.to_dict(), "num_items": num_items, "mesh": str(program.shape),
+      "config": config.to_dict(), "num_items": num_items, "mesh": str(lay.mesh),
       "costs": dataclasses.asdict(costs),
       "plans": {k: dataclasses.asdict(pl) for k, pl in plans.items()},
       "recommended": dataclasses.asdict(best)}, indent=2))

@@ -80,13 +80,14 @@ def hlo_cost(config, num_items, cand, hw):
   """(profile, prediction, comm report) of a candidate from its compiled step, on
   the first N of this process's (fake) devices."""
   import jax
-  from jaxrec.perf import cost_model, planner, strategy
+  from jaxrec.config import with_overrides
+  from jaxrec.perf import cost_model, strategy
   from jaxrec.perf.comm import build_program, comm_report
 
-  program = build_program(planner.apply(config, cand.overrides), num_items,
+  program = build_program(with_overrides(config, cand.overrides), num_items,
                           jax.devices()[:cand.shape.num_devices])
   report = comm_report(program)
-  profile = strategy.hlo_profile(strategy.layout_of(program), report)
+  profile = strategy.hlo_profile(program.layout, report)
   return profile, cost_model.predict(profile, hw), report
 
 
@@ -95,7 +96,8 @@ def main(argv):
   runtime.setup()
   import jax
   from jaxrec.mesh import MeshShape
-  from jaxrec.perf import hardware, planner
+  from jaxrec import hardware
+  from jaxrec.perf import planner
 
   hw = hardware.get(_HARDWARE.value)
   out = Path(_OUT.value)

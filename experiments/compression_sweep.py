@@ -70,11 +70,6 @@ VARIANTS: dict[str, dict[str, object]] = {
 }
 
 
-def apply(config, overrides):
-  from jaxrec.config import with_overrides
-  return with_overrides(config, overrides)
-
-
 def main(argv):
   del argv
   runtime.setup()
@@ -82,6 +77,7 @@ def main(argv):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  from jaxrec.config import with_overrides
   from jaxrec.data import load_dataset
   from jaxrec.perf.comm import build_program, comm_report
   from jaxrec.train.loop import train_and_evaluate
@@ -106,7 +102,7 @@ def main(argv):
       row.setdefault("slow_link_wire_bytes_per_step", row["data_wire_bytes_per_step"])
       rows.append(row)
       continue
-    config = apply(base, VARIANTS[name])
+    config = with_overrides(base, VARIANTS[name])
     with runtime.user_errors():
       report = comm_report(build_program(config, num_items))
     start = time.perf_counter()

@@ -98,7 +98,8 @@ def memory_rows(config, mesh: str, num_items: int):
     rows.append({"schedule": name, "v": v, "m": 8, "mesh": mesh,
                  "peak_memory_bytes": hlo.memory_stats(compiled)["peak_memory_bytes"],
                  "temp_bytes": hlo.memory_stats(compiled)["temp_size_in_bytes"],
-                 "slots": program.schedule.num_slots, "ticks": program.schedule.ticks,
+                 "slots": program.layout.schedule.num_slots,
+                 "ticks": program.layout.schedule.ticks,
                  "compile_s": seconds})
   return rows
 

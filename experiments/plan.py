@@ -37,7 +37,8 @@ def main(argv):
   del argv
   runtime.setup()
   from jaxrec.data import load_dataset
-  from jaxrec.perf import hardware, planner
+  from jaxrec import hardware
+  from jaxrec.perf import planner
 
   config = _CONFIG.value
   with runtime.user_errors():

@@ -67,7 +67,7 @@ def main(argv):
   import jax
   from jaxrec.perf import cost_model, microbench, strategy
   from jaxrec.perf.comm import build_program, comm_report
-  from jaxrec.perf.hardware import LOCAL_PROFILE_PATH
+  from jaxrec.hardware import LOCAL_PROFILE_PATH
 
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +90,7 @@ def main(argv):
     with runtime.user_errors():
       program = build_program(config, _NUM_ITEMS.value)
     report = comm_report(program)
-    profile = strategy.hlo_profile(strategy.layout_of(program), report)
+    profile = strategy.hlo_profile(program.layout, report)
     pred = cost_model.predict(profile, hw)
     measured = measure_step(program, _STEPS.value)
     err = (pred.step_time - measured) / measured

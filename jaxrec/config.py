@@ -21,6 +21,19 @@ DP_MODES = ("sync", "delayed", "local_sgd", "diloco")
 COMPRESSORS = ("none", "bf16", "int8", "topk", "powersgd", "sign")
 OPTIMIZERS = ("adamw", "sgd")
 HEADS = ("last", "spread", "auto")
+# What the layer scan keeps for the backward pass (jax.checkpoint policies):
+#   none                keep everything (no rematerialisation)
+#   full                keep only each layer's input; recompute the layer
+#   dots_saveable       keep matmul outputs, recompute the elementwise work
+#   save_attention_out  keep each attention block's output (checkpoint_name)
+REMAT_POLICIES = ("none", "full", "dots_saveable", "save_attention_out")
+# A pipeline stage as a whole: "none" (the layers' own policy decides) or "full"
+# (keep only the stage input between its forward and backward ticks).
+PIPELINE_REMAT = ("none", "full")
+LOSS_TYPES = ("full", "sampled")
+NEGATIVES = ("uniform", "in_batch", "mixed")
+BALANCE_COSTS = ("device", "timed", "h100", "tpu_v5p", "local")
+BASELINES = ("most_popular", "none")
 
 
 class ConfigError(ValueError):
@@ -53,7 +66,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.norm = "layernorm"
   c.model.embed_scale = True       # multiply item embeddings by sqrt(d_model), as SASRec
   c.model.item_table_multiple = 128  # rows padded to a multiple (mesh-independent shapes)
-  c.model.dtype = "float32"        # compute dtype; params and reductions stay fp32
+  c.model.dtype = "float32"        # compute dtype (matmuls, activations)
+  c.model.param_dtype = "float32"  # storage dtype of the params (bf16 halves them)
+  c.model.remat = "none"           # layer-scan rematerialisation policy (REMAT_POLICIES)
   c.model.init_std = 0.02
 
   c.train = ml_collections.ConfigDict()
@@ -67,6 +82,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.b2 = 0.98
   c.train.grad_clip = 1.0     # global-norm clip; 0 = off
   c.train.optimizer = "adamw"  # adamw | sgd (plain SGD: for equivalence checks)
+  c.train.opt_state_dtype = "float32"  # Adam moments' storage dtype (bf16 halves them)
+  c.train.master_weights = True  # with bf16 params: keep an fp32 copy in the optimizer
+  c.train.preemption_check_every = 10  # steps between cross-process preemption checks
   c.train.log_every = 50
   c.train.eval_every = 500    # 0 = only at the end
   c.train.checkpoint_every = 500  # 0 = only at the end
@@ -74,22 +92,38 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.max_nonfinite_steps = 5  # stop after this many non-finite steps in a row
   c.train.inject_nonfinite_steps = ""  # fault injection: "5,6" poisons those steps
 
+  c.loss = ml_collections.ConfigDict()
+  c.loss.type = "full"          # full: tiled softmax over the whole catalogue | sampled
+  c.loss.item_tile = 0          # items per tile of the full softmax; 0 = auto (4 MiB blocks)
+  c.loss.token_chunk = 1024     # real targets scored per chunk (padding chunks are skipped)
+  c.loss.negatives = "uniform"  # sampled: uniform | in_batch | mixed
+  c.loss.num_negatives = 128    # sampled: uniform negatives per step (HSTU's ML-1M: 128)
+  c.loss.in_batch_global = True  # in-batch negatives gathered over the data axes
+  c.loss.logq_correction = True  # subtract log(expected count) of each candidate
+  c.loss.mask_history = False   # also mask negatives that are in the row's own items
+  c.loss.l2_norm = False        # sampled: L2-normalised hidden states and item rows
+  c.loss.temperature = 1.0      # sampled: logits / temperature (HSTU: 0.05 with l2_norm)
+
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
   c.eval.exclude_history = True
   c.eval.max_users = 0        # 0 = every user; >0 = the first N (quick validation)
+  c.eval.baseline = "most_popular"  # a baseline scored next to the model: most_popular | none
 
   c.pipeline = ml_collections.ConfigDict()
   c.pipeline.microbatches = 1
   c.pipeline.schedule = "gpipe"
   c.pipeline.virtual_stages = 1
   c.pipeline.layers_per_stage = "uniform"  # or "auto" (balanced) or counts: "3,3,2"
-  c.pipeline.remat = False    # True: keep only stage inputs, recompute in the backward
+  c.pipeline.remat = "none"   # "full": keep only stage inputs, recompute in the backward
   # Where the item-softmax head runs: "last" stage, "spread" over every stage (each
   # scores 1/P of the catalogue), or "auto" (the balancer decides; needs
   # layers_per_stage="auto", else means "last").
   c.pipeline.head = "auto"
-  c.pipeline.balance_costs = "h100"  # "auto" splits: a hardware profile's roofline or "timed"
+  # What an "auto" split is balanced on: "device" = the running device's published
+  # profile (H100, TPU v5p) or, where there is none (CPU, others), timing the pieces;
+  # "timed"; or a named profile's roofline ("h100", "tpu_v5p", "local" = fitted).
+  c.pipeline.balance_costs = "device"
   c.pipeline.rebalance_every = 0     # >0: re-measure stage costs every N steps ...
   c.pipeline.rebalance_threshold = 0.1  # ... and re-split when max/mean > 1 + this
 
@@ -126,6 +160,25 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
   _choice(c, "compression.method", COMPRESSORS)
   _choice(c, "train.optimizer", OPTIMIZERS)
   _choice(c, "pipeline.head", HEADS)
+  _choice(c, "model.param_dtype", DTYPES)
+  _choice(c, "model.remat", REMAT_POLICIES)
+  _choice(c, "pipeline.remat", PIPELINE_REMAT)
+  _choice(c, "pipeline.balance_costs", BALANCE_COSTS)
+  _choice(c, "train.opt_state_dtype", DTYPES)
+  _choice(c, "eval.baseline", BASELINES)
+  _choice(c, "loss.type", LOSS_TYPES)
+  _choice(c, "loss.negatives", NEGATIVES)
+  for field in ("loss.token_chunk", "loss.num_negatives"):
+    if _get(c, field) <= 0:
+      raise ConfigError(f"config.{field} = {_get(c, field)} must be positive")
+  if c.loss.item_tile < 0:
+    raise ConfigError(f"config.loss.item_tile = {c.loss.item_tile} must be >= 0 (0 = auto)")
+  if c.loss.temperature <= 0:
+    raise ConfigError(f"config.loss.temperature = {c.loss.temperature} must be positive")
+  if c.loss.type == "sampled" and c.pipeline.head == "spread" and mesh.pipe > 1:
+    raise ConfigError(
+        "config.pipeline.head = 'spread' splits the full softmax over the stages; with "
+        "config.loss.type = 'sampled' the head is small: use pipeline.head = 'last'")
   if c.pipeline.head == "spread" and mesh.pipe > 1 and (
       c.model.item_table_multiple % (mesh.tensor * mesh.pipe)):
     raise ConfigError(
@@ -191,7 +244,8 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
         f"config.eval.batch_size = {c.eval.batch_size}: the per-replica eval batch "
         f"({c.eval.batch_size // d}) must be divisible by the pipe axis ({mesh.pipe}), "
         "which splits it into microbatches")
-  for field in ("train.log_every", "train.eval_every", "train.checkpoint_every"):
+  for field in ("train.log_every", "train.eval_every", "train.checkpoint_every",
+                "train.preemption_check_every"):
     if _get(c, field) < 0:
       raise ConfigError(f"config.{field} = {_get(c, field)} must be >= 0")
 

@@ -9,7 +9,7 @@ import numpy as np
 from jaxrec.config import default_config, with_overrides
 from jaxrec.data.batches import to_global
 from jaxrec.mesh import make_mesh
-from jaxrec.models.recommender import ModelConfig, RecommenderFns
+from jaxrec.models.recommender import RecommenderFns
 from jaxrec.train.step import TrainProgram
 
 RTOL = 1e-5  # fp32 equivalence tolerance (relative to each leaf's largest entry)
@@ -33,7 +33,7 @@ def tiny_config(**overrides):
 
 
 def tiny_fns(config) -> RecommenderFns:
-  return RecommenderFns(ModelConfig.from_config(config.model, NUM_ITEMS, config.data.max_len))
+  return RecommenderFns.from_config(config, NUM_ITEMS)
 
 
 def synthetic_batch(seed: int = 0, batch: int = BATCH, max_len: int = MAX_LEN,

@@ -7,11 +7,13 @@ import json
 import numpy as np
 import pytest
 
+from jaxrec.mesh import make_mesh
+from jaxrec.models.recommender import RecommenderFns
 from jaxrec.parallel import balance
 from jaxrec.parallel.balance import PieceCosts
 from jaxrec.parallel.pipeline import Schedule, StageLayout
+from tests.helpers import tiny_config
 from tests.test_pipeline import check_against_reference
-from tests.helpers import program, tiny_config
 
 
 def brute_force(costs, n_layers, stages, pipe, head, layer_costs):
@@ -72,8 +74,8 @@ def test_auto_layout_trains_like_the_reference():
   config = tiny_config(**{"pipeline.microbatches": 4, "model.n_layers": 6,
                           "pipeline.layers_per_stage": "auto"})
   prog = check_against_reference(config, "pipe:4")
-  assert prog.balance_plan is not None
-  assert sum(prog.layout.layers_per_stage) == 6
+  assert prog.layout.balance_plan is not None
+  assert sum(prog.layout.stages.layers_per_stage) == 6
 
 
 def test_rebalancing_mid_run_keeps_the_state_and_the_loss_curve(tmp_path):
@@ -117,11 +119,12 @@ def test_rebalancing_mid_run_keeps_the_state_and_the_loss_curve(tmp_path):
 
 def test_timed_piece_costs_are_measured_on_the_devices():
   """`balance_costs = "timed"`: every piece is run and timed, and the head over a
-  large catalogue costs more than one small layer."""
+  large catalogue (20k items) costs more than one small layer (fwd + bwd)."""
   config = tiny_config(**{"pipeline.microbatches": 2, "model.dropout": 0.0})
-  prog = program(config, "pipe:2,data:4")
-  costs = balance.measure(prog, timed=True, repeats=3)
+  fns = RecommenderFns.from_config(config, 20_000)
+  costs = balance.measure(fns, make_mesh("pipe:2,data:4"), config, timed=True, repeats=3)
   assert costs.source.startswith("timed on")
   for name in ("layer_fwd", "layer_bwd", "embed_fwd", "embed_bwd", "head"):
     value = getattr(costs, name)
     assert 0 < value < 10, (name, value)
+  assert costs.head > costs.layer, costs

@@ -7,11 +7,13 @@ import math
 
 import pytest
 
+from jaxrec.config import with_overrides
+from jaxrec.hardware import H100, TPU_V5P, Hardware
+from jaxrec.layout import Layout
 from jaxrec.mesh import MeshShape
 from jaxrec.perf import cost_model, planner, strategy
 from jaxrec.perf.comm import comm_report
 from jaxrec.perf.cost_model import Assumptions, CommOp, StepProfile
-from jaxrec.perf.hardware import H100, TPU_V5P, Hardware
 from tests.helpers import NUM_ITEMS, program, tiny_config
 
 TOY = Hardware(name="toy", peak_flops=100e12, peak_flops_fp32=50e12, hbm_bandwidth=1e12,
@@ -107,9 +109,8 @@ def test_analytic_profile_agrees_with_the_compiled_step(spec, overrides):
   config = tiny_config(mesh=spec, **overrides)
   prog = program(config, spec)
   report = comm_report(prog)
-  hlo = strategy.hlo_profile(strategy.layout_of(prog), report)
-  lay = strategy.layout_for(config, NUM_ITEMS, prog.shape)
-  assert lay.layout.layers_per_stage == prog.layout.layers_per_stage
+  hlo = strategy.hlo_profile(prog.layout, report)
+  lay = Layout.build(config, prog.fns, prog.shape)
   ana = strategy.analytic_profile(lay)
   assert ana.flops == pytest.approx(hlo.flops, rel=0.01)
   measured = _by_axis(hlo.comm)
@@ -191,8 +192,8 @@ def test_a_plan_runs_with_its_own_overrides():
   config = planner_config(8)
   fits, _ = planner.plan(config, NUM_ITEMS, 8, H100)
   piped = next(c for c in fits if c.shape.pipe > 1)
-  run = planner.apply(config, piped.overrides)
+  run = with_overrides(config, piped.overrides)
   prog = program(run, run.mesh)
   counts = tuple(int(n) for n in piped.overrides["pipeline.layers_per_stage"].split(","))
-  assert tuple(prog.layout.layers_per_stage) == counts
-  assert prog.head_spread == (piped.overrides["pipeline.head"] == "spread")
+  assert tuple(prog.layout.stages.layers_per_stage) == counts
+  assert prog.layout.head_spread == (piped.overrides["pipeline.head"] == "spread")

@@ -1,7 +1,6 @@
 """data:N (and tensor x data) vs the single-device reference: same params, same batch."""
 
 import jax
-import numpy as np
 import pytest
 
 from jaxrec.train import reference

@@ -3,7 +3,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrec.data.batches import eval_batches
 from jaxrec.data.sequences import EvalExamples
 from jaxrec.eval.evaluator import evaluate
 from jaxrec.eval.metrics import brute_force_ranks, metrics_from_ranks

@@ -63,7 +63,7 @@ def test_slot_layout_round_trips_and_pads_uneven_stages():
 
 def canonical(prog, tree):
   tree = dict(jax.device_get(tree))
-  tree["layers"] = jax.device_get(prog.layout.to_canonical(tree["layers"]))
+  tree["layers"] = jax.device_get(prog.layout.stages.to_canonical(tree["layers"]))
   return tree
 
 
@@ -99,7 +99,7 @@ def test_every_schedule_matches_reference(spec, overrides):
                 "pipeline.microbatches": 2}),
     ("data:2,pipe:4", {"model.n_layers": 6, "pipeline.layers_per_stage": "[1, 2, 2, 1]",
                        "pipeline.schedule": "1f1b", "pipeline.microbatches": 4}),
-    ("pipe:2,data:2,tensor:2", {"pipeline.remat": True, "pipeline.microbatches": 2}),
+    ("pipe:2,data:2,tensor:2", {"pipeline.remat": "full", "pipeline.microbatches": 2}),
 ])
 def test_uneven_stages_and_remat_match_reference(spec, overrides):
   check_against_reference(tiny_config(**overrides), spec)
@@ -180,3 +180,58 @@ def test_data_pipe_tensor_trains_the_quickstart_config(tmp_path):
   losses = [json.loads(l)["loss"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()
             if "loss" in l]
   assert len(losses) == 8 and losses[-1] < losses[0]
+
+
+VARIANTS = {
+    "uneven": {"model.n_layers": 3, "pipeline.layers_per_stage": "2,1"},
+    "spread": {"pipeline.head": "spread"},
+    "remat": {"pipeline.remat": "full", "model.remat": "full"},
+}
+SCHEDULE_OVERRIDES = {
+    "gpipe": {"pipeline.schedule": "gpipe", "pipeline.microbatches": 2},
+    "1f1b": {"pipeline.schedule": "1f1b", "pipeline.microbatches": 4},
+    "interleaved": {"pipeline.schedule": "interleaved", "pipeline.virtual_stages": 2,
+                    "pipeline.microbatches": 2, "model.n_layers": 4},
+}
+
+
+def _matrix():
+  for schedule, base in SCHEDULE_OVERRIDES.items():
+    for name, extra in VARIANTS.items():
+      overrides = {**base, **extra}
+      if schedule == "interleaved" and name == "uneven":
+        overrides.update({"model.n_layers": 5, "pipeline.layers_per_stage": "2,1,1,1"})
+      quick = (schedule, name) in {("1f1b", "spread"), ("interleaved", "uneven"),
+                                   ("gpipe", "remat")}
+      yield pytest.param(overrides, id=f"{schedule}-{name}",
+                         marks=() if quick else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("overrides", list(_matrix()))
+def test_every_schedule_with_uneven_spread_and_remat_matches_reference(overrides):
+  """The scanned executor on data:2,pipe:2,tensor:2, each schedule x {uneven stages,
+  the spread head, remat} against the 1-device reference (fp32, 1e-5). Three run in
+  the default suite, the rest under -m slow."""
+  check_against_reference(tiny_config(**overrides), "data:2,pipe:2,tensor:2")
+
+
+def test_pipe_2_with_the_spread_head_matches_reference():
+  check_against_reference(tiny_config(**{"pipeline.head": "spread",
+                                         "pipeline.microbatches": 4}), "pipe:2")
+
+
+def hlo_ops(config, spec, devices):
+  prog = program(config, spec, devices)
+  lowered = prog.jitted_train_step().lower(prog.abstract_state(), abstract_batch(prog))
+  text = lowered.compile().as_text()
+  return sum(1 for line in text.splitlines() if " = " in line and "%" in line)
+
+
+def test_program_size_does_not_grow_with_microbatches():
+  """The schedule is data walked by one scan: pipe:4 1F1B with 16 microbatches
+  compiles to (nearly) the same program as with 4 (compile-only)."""
+  base = {"pipeline.schedule": "1f1b", "model.n_layers": 4, "train.batch_size": 64,
+          "model.dropout": 0.0}
+  small = hlo_ops(tiny_config(**base, **{"pipeline.microbatches": 4}), "pipe:4", 4)
+  large = hlo_ops(tiny_config(**base, **{"pipeline.microbatches": 16}), "pipe:4", 4)
+  assert large <= 1.2 * small, (small, large)

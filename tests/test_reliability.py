@@ -113,13 +113,13 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
 
 def canonical_params(prog, state):
   params = dict(jax.device_get(state.params))
-  params["layers"] = jax.device_get(prog.layout.to_canonical(params["layers"]))
+  params["layers"] = jax.device_get(prog.layout.stages.to_canonical(params["layers"]))
   return params
 
 
 def canonical_mu(prog, state):
   mu = dict(jax.device_get(state.opt_state[0].mu))
-  mu["layers"] = jax.device_get(prog.layout.to_canonical(mu["layers"]))
+  mu["layers"] = jax.device_get(prog.layout.stages.to_canonical(mu["layers"]))
   return mu
 
 

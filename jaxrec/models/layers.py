@@ -14,17 +14,23 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxrec.parallel import tensor
+
+# checkpoint_name of each attention block's output (the `save_attention_out` policy)
+ATTENTION_OUT = "attention_out"
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-  """Per-call settings: which axis to reduce over, dropout keys, compute dtype."""
-  tensor_axis: str | None = None
+  """Per-call settings: which axes to reduce over, dropout keys, compute dtype."""
+  tensor_axis: str | tuple[str, ...] | None = None   # the vocab-/tensor-parallel axes
   dropout_rate: float = 0.0
   row_keys: jax.Array | None = None   # one PRNG key per example row; None = no dropout
   dtype: jnp.dtype = jnp.float32
+  loss_key: jax.Array | None = None   # the step's key for sampled negatives (same everywhere)
+  batch_axes: tuple[str, ...] = ()    # the data axes (in-batch negatives gather over them)
 
   @property
   def train(self) -> bool:
@@ -105,7 +111,8 @@ class Attention(nnx.Module):
     scores = jnp.where(mask[:, None], scores, -1e30)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
     o = jnp.einsum("bhqk,bkhe->bqhe", probs, v)
-    return tensor.row_parallel(o, self.out[...], "bqhe,hed->bqd", ctx.tensor_axis)
+    out = tensor.row_parallel(o, self.out[...], "bqhe,hed->bqd", ctx.tensor_axis)
+    return checkpoint_name(out, ATTENTION_OUT)
 
 
 class MLP(nnx.Module):

@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from jaxrec.models import losses
 from jaxrec.models.embedding import ItemEmbedding, padded_table_rows
-from jaxrec.models.layers import Block, Context, Norm, dropout
+from jaxrec.models.layers import ATTENTION_OUT, Block, Context, Norm, dropout
 from jaxrec.parallel import tensor
-from jaxrec.parallel.vma import make_varying, tree_varying_axes
+from jaxrec.parallel.vma import make_varying, tree_varying_axes, varying_axes
 from jaxrec.partitioning import logical_axes_of
 
 Params = dict[str, Any]
@@ -46,6 +47,8 @@ class ModelConfig:
   embed_scale: bool = True
   item_table_multiple: int = 128
   dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: str = "none"
   init_std: float = 0.02
 
   @classmethod
@@ -62,6 +65,10 @@ class ModelConfig:
   @property
   def compute_dtype(self):
     return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
+
+  @property
+  def storage_dtype(self):
+    return jnp.bfloat16 if self.param_dtype == "bfloat16" else jnp.float32
 
 
 class Recommender(nnx.Module):
@@ -91,8 +98,9 @@ class RecommenderFns:
   has a leading stacked-layer axis), `final_norm`.
   """
 
-  def __init__(self, cfg: ModelConfig):
+  def __init__(self, cfg: ModelConfig, loss: losses.LossConfig | None = None):
     self.cfg = cfg
+    self.loss_cfg = loss or losses.LossConfig()
     abstract = nnx.eval_shape(lambda: Recommender(cfg, nnx.Rngs(0)))
     self._graphdefs = {
         "items": nnx.graphdef(abstract.items),
@@ -101,31 +109,45 @@ class RecommenderFns:
     }
     state = nnx.state(abstract, nnx.Param)
     self.logical_axes: Params = logical_axes_of(state)
-    self.shapes: Params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
-                                       nnx.to_pure_dict(state))
+    self.shapes: Params = jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, cfg.storage_dtype), nnx.to_pure_dict(state))
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, num_items: int) -> "RecommenderFns":
+    """The model and item loss a run config describes, for a catalogue of `num_items`."""
+    return cls(ModelConfig.from_config(config.model, num_items, config.data.max_len),
+               losses.LossConfig.from_config(config.get("loss")))
 
   # ----------------------------------------------------------------- creation
   def init(self, key: jax.Array) -> Params:
     """Global (unsharded) params; jit with out_shardings to create them sharded."""
     model = Recommender(self.cfg, nnx.Rngs(params=key))
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return jax.tree.map(lambda x: x.astype(self.cfg.storage_dtype), params)
 
   def num_params(self) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(self.shapes))
 
-  def context(self, tensor_axis: str | None = None, row_keys: jax.Array | None = None,
-              dropout_rate: float | None = None) -> Context:
+  def context(self, tensor_axis: str | tuple[str, ...] | None = None,
+              row_keys: jax.Array | None = None, dropout_rate: float | None = None,
+              loss_key: jax.Array | None = None, batch_axes: tuple[str, ...] = ()) -> Context:
     return Context(tensor_axis=tensor_axis,
                    dropout_rate=self.cfg.dropout if dropout_rate is None else dropout_rate,
-                   row_keys=row_keys, dtype=self.cfg.compute_dtype)
+                   row_keys=row_keys, dtype=self.cfg.compute_dtype, loss_key=loss_key,
+                   batch_axes=batch_axes)
 
   # ------------------------------------------------------------------- pieces
-  def _items(self, params: Params) -> ItemEmbedding:
+  def item_table(self, params: Params) -> ItemEmbedding:
+    """The item table module over `params['items']` (a shard of it inside shard_map)."""
     return nnx.merge(self._graphdefs["items"], params["items"])
+
+  def lookup(self, params: Params, inputs: jax.Array, ctx: Context) -> jax.Array:
+    """The item rows of ids [B, T] -> [B, T, D] (vocab-parallel over ctx's axis)."""
+    return self.item_table(params).lookup(inputs, ctx)
 
   def embed(self, params: Params, inputs: jax.Array, ctx: Context) -> jax.Array:
     """inputs [B, T] -> h [B, T, D] (uses params['items'] and params.get('pos'))."""
-    return self.embed_rows(params, self._items(params).lookup(inputs, ctx), inputs, ctx)
+    return self.embed_rows(params, self.lookup(params, inputs, ctx), inputs, ctx)
 
   def embed_rows(self, params: Params, rows: jax.Array, inputs: jax.Array,
                  ctx: Context) -> jax.Array:
@@ -163,13 +185,14 @@ class RecommenderFns:
     # except the tensor axis, which each block reduces over.
     h = make_varying(h, tree_varying_axes(layers_params) - {ctx.tensor_axis})
 
+    layer = remat(lambda p, h, lid: self.layer(p, h, inputs, ctx, lid), self.cfg.remat)
+
     def body(h, xs):
       p, lid, on = xs
       if on is None:
-        return self.layer(p, h, inputs, ctx, lid), None
+        return layer(p, h, lid), None
       with jax.named_scope(LAYER_SLOT_SCOPE):  # named for the HLO accounting
-        return jax.lax.cond(on, lambda h: self.layer(p, h, inputs, ctx, lid),
-                            lambda h: h, h), None
+        return jax.lax.cond(on, lambda h: layer(p, h, lid), lambda h: h, h), None
 
     h, _ = jax.lax.scan(body, h, (layers_params, layer_ids, active))
     return h
@@ -177,15 +200,119 @@ class RecommenderFns:
   def final_hidden(self, params: Params, h: jax.Array) -> jax.Array:
     return nnx.merge(self._graphdefs["final_norm"], params["final_norm"])(h)
 
-  def head_loss(self, params: Params, h: jax.Array, targets: jax.Array,
-                ctx: Context) -> tuple[jax.Array, jax.Array]:
-    """(sum of CE over non-padding targets, number of such targets) for h [B, T, D]."""
+  # --------------------------------------------------------------- item head
+  def full_softmax_spec(self, table: jax.Array, ctx: Context) -> losses.FullSoftmax:
+    return losses.FullSoftmax(num_items=self.cfg.num_items, axes=ctx.tensor_axis,
+                              tile=self.loss_cfg.tile(table.shape[0]),
+                              chunk=self.loss_cfg.token_chunk)
+
+  def candidates(self, params: Params, target_ids: jax.Array, target_rows: jax.Array,
+                 ctx: Context) -> losses.Candidates:
+    """The sampled softmax's shared negatives: uniform ids drawn from the step's key
+    (the same on every device) and/or the batch's own targets (gathered over the
+    data axes when `loss.in_batch_global`), with their rows and logQ."""
+    cfg = self.loss_cfg
+    ids, rows = [], []
+    uniform = 0
+    if cfg.negatives in ("uniform", "mixed"):
+      if ctx.loss_key is None:
+        raise ValueError("uniform negatives need the step's key (Context.loss_key)")
+      uniform = cfg.num_negatives
+      u = losses.uniform_negatives(ctx.loss_key, uniform, self.cfg.num_items)
+      ids.append(u)
+      rows.append(self.lookup(params, u, ctx).astype(jnp.float32))
+    in_batch = 0
+    if cfg.negatives in ("in_batch", "mixed"):
+      b_ids, b_rows = target_ids, target_rows.astype(jnp.float32)
+      if cfg.in_batch_global and ctx.batch_axes:
+        b_ids = jax.lax.all_gather(b_ids, ctx.batch_axes, tiled=True)
+        b_rows = jax.lax.all_gather(b_rows, ctx.batch_axes, tiled=True)
+      in_batch = b_ids.shape[0]
+      ids.append(b_ids)
+      rows.append(b_rows)
+    ids = jnp.concatenate(ids)
+    log_q = losses.expected_counts(ids, uniform, self.cfg.num_items, in_batch)
+    return losses.Candidates(ids, jnp.concatenate(rows), log_q)
+
+  def item_losses(self, params: Params, h: jax.Array, targets: jax.Array, ctx: Context,
+                  row_items: jax.Array | None = None, rows_of_tokens: jax.Array | None = None
+                  ) -> jax.Array:
+    """Per-token item loss [N] of final hidden states h [N, D] (real targets first:
+    see `losses.compact`); 0 where the target is padding."""
+    if self.loss_cfg.type == "full":
+      table = params["items"]["table"]
+      return losses.full_softmax(h, targets, table, self.full_softmax_spec(table, ctx))
+    target_rows = self.lookup(params, targets, ctx)
+    cands = self.candidates(params, targets, target_rows, ctx)
+    hits = None
+    if self.loss_cfg.mask_history and row_items is not None:
+      hits = losses.history_hits(row_items, rows_of_tokens, cands.ids)
+    return losses.sampled_softmax(h, targets, target_rows, cands, self.loss_cfg, hits)
+
+  def head_loss(self, params: Params, h: jax.Array, targets: jax.Array, ctx: Context,
+                inputs: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(sum of the item loss over non-padding targets, their count) for h [B, T, D]."""
     h = self.final_hidden(params, h)
-    flat_h = h.reshape(-1, h.shape[-1])
-    flat_t = targets.reshape(-1)
-    ce = self._items(params).cross_entropy(flat_h, flat_t, ctx)
-    weight = (flat_t > 0).astype(jnp.float32)
-    return (ce * weight).sum(), weight.sum()
+    hc, tc, order = _compacted(h, targets)
+    per_token = self.item_losses(params, hc, tc, ctx, inputs, order // targets.shape[1])
+    return per_token.sum(), (targets > 0).sum().astype(jnp.float32)
+
+  def head_forward(self, params: Params, y: jax.Array, targets: jax.Array, ctx: Context,
+                   scale: float | jax.Array, inputs: jax.Array | None = None):
+    """The head in two phases, for the pipeline: this call gives (scale x loss sum,
+    its cotangent w.r.t. the last layer's output y [B, T, D], the gradient of the
+    small params (all but the item table), and `saved`); `head_table_grad(saved)`
+    later gives the item table's gradient. The table's gradient is table-sized, so
+    the pipeline forms it once per step rather than once per microbatch."""
+    h, norm_vjp = jax.vjp(lambda n, y: self.final_hidden({"final_norm": n}, y),
+                          params["final_norm"], y)
+    hc, tc, order = _compacted(h, targets)
+    saved = {"h": hc, "targets": tc}
+    if self.loss_cfg.type == "full":
+      table = params["items"]["table"]
+      per_token, d_hc, lse = losses.full_softmax_forward(
+          hc, tc, table, self.full_softmax_spec(table, ctx))
+      saved["lse"] = lse
+    else:
+      rows_of = order // targets.shape[1]
+      per_token, vjp_h = jax.vjp(
+          lambda hh: self.item_losses(params, hh, tc, ctx, inputs, rows_of), hc)
+      (d_hc,) = vjp_h(jnp.ones_like(per_token))
+      saved["rows_of"] = rows_of
+      if inputs is not None:
+        saved["inputs"] = inputs
+    loss = per_token.sum() * scale
+    d_h = jnp.zeros(hc.shape, jnp.float32).at[order].set(d_hc.astype(jnp.float32) * scale)
+    d_h = make_varying(d_h.reshape(h.shape).astype(h.dtype), varying_axes(h))
+    d_norm, d_y = norm_vjp(d_h)
+    d_small = {k: jax.tree.map(jnp.zeros_like, v) for k, v in params.items()
+               if k not in ("items", "final_norm", "layers")}
+    d_small["final_norm"] = d_norm
+    return loss, d_y, d_small, saved
+
+  def head_table_grad(self, params: Params, saved: Params, ctx: Context,
+                      scale: float | jax.Array) -> jax.Array:
+    """The item table's (shard's) gradient of the losses `head_forward` saved these
+    for; `saved` leaves carry a leading microbatch axis [M, ...]."""
+    table = params["items"]["table"]
+    if self.loss_cfg.type == "full":
+      flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in saved.items()}
+      g = jnp.full(flat["targets"].shape, scale, jnp.float32)
+      return losses.full_softmax_table_grad(flat["h"], flat["targets"], flat["lse"], g,
+                                            table, self.full_softmax_spec(table, ctx))
+
+    def one(acc, mb):
+      def total(tbl):
+        p = {**params, "items": {**params["items"], "table": tbl}}
+        return self.item_losses(p, mb["h"], mb["targets"], ctx, mb.get("inputs"),
+                                mb["rows_of"]).sum() * scale
+      out, vjp_t = jax.vjp(total, table)
+      (d_table,) = vjp_t(jnp.ones_like(out))
+      return acc + d_table.astype(jnp.float32), None
+
+    zero = make_varying(jnp.zeros(table.shape, jnp.float32), varying_axes(table))
+    acc, _ = jax.lax.scan(one, zero, saved)
+    return acc
 
   def last_hidden(self, params: Params, inputs: jax.Array, ctx: Context) -> jax.Array:
     """Final-normed hidden state at the last position (inputs are left-padded)."""
@@ -195,11 +322,11 @@ class RecommenderFns:
 
   def rank(self, params: Params, h_last: jax.Array, target: jax.Array, exclude: jax.Array,
            ctx: Context) -> jax.Array:
-    return self._items(params).target_rank(h_last, target, exclude, ctx)
+    return self.item_table(params).target_rank(h_last, target, exclude, ctx)
 
   def top_k(self, params: Params, h_last: jax.Array, k: int, exclude: jax.Array,
             ctx: Context):
-    return self._items(params).top_k(h_last, k, exclude, ctx)
+    return self.item_table(params).top_k(h_last, k, exclude, ctx)
 
   # ------------------------------------------------------------ the reference
   def loss(self, params: Params, inputs: jax.Array, targets: jax.Array,
@@ -207,7 +334,7 @@ class RecommenderFns:
     """(CE sum, token count) over a batch: the single-device reference forward."""
     h = self.embed(params, inputs, ctx)
     h = self.layers(params["layers"], h, inputs, ctx, jnp.arange(self.cfg.n_layers))
-    return self.head_loss(params, h, targets, ctx)
+    return self.head_loss(params, h, targets, ctx, inputs)
 
   def logits(self, params: Params, inputs: jax.Array, ctx: Context) -> jax.Array:
     """Full logits [B, T, items] (single device only; for tests and small models)."""
@@ -215,7 +342,30 @@ class RecommenderFns:
     h = self.final_hidden(params, self.layers(params["layers"], h, inputs, ctx,
                                               jnp.arange(self.cfg.n_layers)))
     flat = h.reshape(-1, h.shape[-1])
-    return self._items(params).local_logits(flat, ctx).reshape(*h.shape[:2], -1)
+    return self.item_table(params).local_logits(flat, ctx).reshape(*h.shape[:2], -1)
+
+
+# What each `model.remat` policy keeps of a layer for the backward pass.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT),
+}
+
+
+def remat(layer, policy: str):
+  """`layer` under the named rematerialisation policy ("none": as it is)."""
+  if policy == "none":
+    return layer
+  return jax.checkpoint(layer, policy=REMAT_POLICIES[policy])
+
+
+def _compacted(h: jax.Array, targets: jax.Array):
+  """(h [N, D], targets [N], order): the real targets' positions first."""
+  flat_h = h.reshape(-1, h.shape[-1])
+  flat_t = jnp.asarray(targets).reshape(-1)
+  order, _ = losses.compact(flat_t)
+  return flat_h[order], flat_t[order], order
 
 
 def attention_mask(inputs: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -13,20 +13,24 @@ stage.
 
 When the head alone outweighs an even share of the work, no layer split can fix
 it; `pipeline.head = "spread"` has every stage score 1/P of the catalogue for
-each microbatch (parallel/pipeline.py), and the balancer accounts for that.
+each microbatch (parallel/pipeline/executor.py), and the balancer accounts for that.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxrec.hardware import Hardware
+from jaxrec.mesh import DATA_AXES, active_axes, mesh_shape
 from jaxrec.parallel.pipeline import Schedule, StageLayout
+from jaxrec.partitioning import tree_specs
+from jaxrec.timing import median_seconds
 
 Seconds = float
 
@@ -188,32 +192,31 @@ def uniform_plan(costs: PieceCosts, n_layers: int, pipe: int, virtual: int, sche
 # ---------------------------------------------------------------------------
 # Measuring the pieces.
 # ---------------------------------------------------------------------------
-def measure(program, hardware=None, timed: bool = False, repeats: int = 5) -> PieceCosts:
-  """Per-microbatch piece costs on `program`'s mesh.
+def measure(fns, mesh, config, hardware: Hardware | None = None, timed: bool = False,
+            repeats: int = 5) -> PieceCosts:
+  """Per-microbatch piece costs of `fns` (the model's pure functions) on `mesh`.
 
   Compiles each piece (forward and backward, this device's shards) and converts
   XLA's FLOP and byte counts to seconds with `hardware`'s roofline, or, with
   `timed`, runs it and takes the median wall time.
   """
-  fns = program.fns
-  mesh = program.mesh
-  cfg = program.config
-  data = max(program.shape.data_size, 1)
-  rows = cfg.train.batch_size // data // program.microbatches
-  t, d = cfg.data.max_len, cfg.model.d_model
+  shape = mesh_shape(mesh)
+  data_axes = active_axes(shape, DATA_AXES)
+  data = max(shape.data_size, 1)
+  rows = config.train.batch_size // data // config.pipeline.microbatches
+  t, d = config.data.max_len, config.model.d_model
   dtype = fns.cfg.compute_dtype
-  specs = program.param_specs
+  specs = tree_specs(fns.logical_axes, shape)
   layer_specs = jax.tree.map(lambda s: P(*s[1:]), specs["layers"],
                              is_leaf=lambda x: isinstance(x, P))
   shared_specs = {k: v for k, v in specs.items() if k != "layers"}
   layer_shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype),
                               fns.shapes["layers"])
   shared_shapes = {k: v for k, v in fns.shapes.items() if k != "layers"}
-  tensor_axis = program.tensor_axis
-  ctx = fns.context(tensor_axis=tensor_axis, dropout_rate=0.0)
+  ctx = fns.context(tensor_axis="tensor" if shape.tensor > 1 else None, dropout_rate=0.0)
   ids = jax.ShapeDtypeStruct((rows * data, t), jnp.int32)
   xs = jax.ShapeDtypeStruct((rows * data, t, d), dtype)
-  batch_spec = P(program.data_axes or None)
+  batch_spec = P(data_axes or None)
 
   def sharded(fn, in_specs, out_specs, donate=()):
     return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
@@ -232,7 +235,7 @@ def measure(program, hardware=None, timed: bool = False, repeats: int = 5) -> Pi
   def embed_bwd(acc, sp, i):
     # as the pipeline does it: back-propagate to the looked-up rows and scatter-add
     # them into the table's running gradient in place (touching only those rows)
-    rows = fns._items(sp).lookup(i, ctx)
+    rows = fns.lookup(sp, i, ctx)
     other = {k: v for k, v in sp.items() if k != "items"}
     y, vjp = jax.vjp(lambda o, r: fns.embed_rows({**sp, **o}, r, i, ctx), other, rows)
     d_other, d_rows = vjp(jnp.ones_like(y))
@@ -264,7 +267,7 @@ def measure(program, hardware=None, timed: bool = False, repeats: int = 5) -> Pi
     cost = compiled.cost_analysis() or {}
     flops[name] = float(cost.get("flops", 0.0))
     if timed:
-      seconds[name] = _time(compiled, args, in_specs, mesh, repeats)
+      seconds[name] = _time(compiled, args, repeats)
     else:
       peak = hardware.peak_flops if dtype == jnp.bfloat16 else hardware.peak_flops_fp32
       moved = float(cost.get("bytes accessed", 0.0))
@@ -275,16 +278,13 @@ def measure(program, hardware=None, timed: bool = False, repeats: int = 5) -> Pi
         touched = rows * t * d * jnp.dtype(dtype).itemsize
         moved = touched * (2 if name == "embed_fwd" else 4)
       seconds[name] = max(flops[name] / peak, moved / hardware.hbm_bandwidth)
-  source = (f"timed on {jax.devices()[0].device_kind} x{mesh.size}" if timed
+  source = (f"timed on {mesh.devices.flat[0].device_kind} x{mesh.size}" if timed
             else f"XLA cost analysis, {hardware.name} roofline")
   return PieceCosts(seconds["layer_fwd"], seconds["layer_bwd"], seconds["embed_fwd"],
                     seconds["embed_bwd"], seconds["head"], source, flops)
 
 
-def _time(compiled, args, in_specs, mesh, repeats: int) -> Seconds:
-  del in_specs, mesh
-  from jaxrec.perf.microbench import median_seconds
-
+def _time(compiled, args, repeats: int) -> Seconds:
   def make():   # fresh each call: some pieces donate their accumulator
     return jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding),
                         args, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))

@@ -18,6 +18,14 @@ def varying_axes(x: jax.Array) -> frozenset[str]:
   return frozenset(jax.typeof(x).manual_axis_type.varying)
 
 
+def zeros(shape: jax.ShapeDtypeStruct) -> jax.Array:
+  """Zeros of an abstract value (e.g. from `jax.eval_shape` inside shard_map), typed
+  varying over the same mesh axes."""
+  mat = getattr(shape, "manual_axis_type", None)
+  axes = mat.varying if mat is not None else ()
+  return make_varying(jax.numpy.zeros(shape.shape, shape.dtype), axes)
+
+
 def make_varying(tree: Any, axes: Iterable[str]) -> Any:
   """pcast every leaf to varying over `axes` (those it does not vary over yet)."""
   axes = tuple(axes)

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jaxrec.mesh import DATA_AXES, MeshShape
+from jaxrec.mesh import MeshShape
 from jaxrec.partitioning import spec_mesh_axes
 
 FP32 = 4
@@ -136,25 +136,6 @@ def analytic_bytes_by_axis(s: StepShape, data_bytes: dict[str, tuple[float, floa
 # FLOPs and memory: what the cost model and the planner need where a step is too
 # large to compile. Checked against the compiled HLO in tests/test_cost_model.py.
 # ---------------------------------------------------------------------------
-def layer_flops_per_token(d_model: int, d_ff: int, seq_len: int, mlp: str = "gelu") -> float:
-  """Forward FLOPs of one transformer layer per token: QKV + output projections,
-  the MLP, and the (dense, unmasked) attention score and value matmuls."""
-  mlp_mults = 3 if mlp == "swiglu" else 2
-  return 2.0 * (4 * d_model * d_model + mlp_mults * d_model * d_ff) + 4.0 * seq_len * d_model
-
-
-def head_flops_per_token(d_model: int, table_rows: int) -> float:
-  """Forward FLOPs of the tied full-softmax head per token: every item is scored."""
-  return 2.0 * d_model * table_rows
-
-
-def model_flops(cfg, tokens: int) -> float:
-  """Useful FLOPs of one train step (forward + backward = 3x forward) over all devices."""
-  per_token = (cfg.n_layers * layer_flops_per_token(cfg.d_model, cfg.d_ff, cfg.max_len, cfg.mlp)
-               + head_flops_per_token(cfg.d_model, cfg.table_rows))
-  return 3.0 * per_token * tokens
-
-
 def activation_bytes_per_token(cfg, tensor: int, act_bytes: int = FP32) -> tuple[float, float]:
   """(per layer, head) bytes kept per token for the backward pass on one device.
 

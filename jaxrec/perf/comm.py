@@ -14,7 +14,7 @@ import ml_collections
 
 from jaxrec.config import validate
 from jaxrec.mesh import make_mesh, mesh_shape
-from jaxrec.models.recommender import ModelConfig, RecommenderFns
+from jaxrec.models.recommender import RecommenderFns
 from jaxrec.perf import analytic, hlo, strategy
 from jaxrec.train.step import TrainProgram
 
@@ -32,7 +32,7 @@ def build_program(config: ml_collections.ConfigDict, num_items: int,
   """The config's program on `devices` (default: all of them)."""
   mesh = make_mesh(config.mesh, devices)
   validate(config, mesh_shape(mesh))
-  fns = RecommenderFns(ModelConfig.from_config(config.model, num_items, config.data.max_len))
+  fns = RecommenderFns.from_config(config, num_items)
   return TrainProgram(config, fns, mesh)
 
 
@@ -47,7 +47,8 @@ def comm_report(program: TrainProgram) -> dict[str, Any]:
   report = hlo.analyze(compiled, program.mesh, program.branch_weights())
   c = program.config
   shape = mesh_shape(program.mesh)
-  payload, wire = strategy.analytic_volumes(strategy.layout_of(program))
+  lay = program.layout
+  payload, wire = strategy.analytic_volumes(lay)
   report["analytic_bytes_by_axis"] = payload
   report["analytic_wire_bytes_by_axis"] = wire
   report["measured_over_analytic"] = _ratios(report["bytes_by_axis"], payload)
@@ -55,14 +56,14 @@ def comm_report(program: TrainProgram) -> dict[str, Any]:
   report["mesh"] = str(shape)
   report["strategy"] = {"dp_mode": c.dp.mode, "sync_every": program.dp.every,
                         "compression": c.compression.method,
-                        "hierarchical": program.grad_sync.hierarchical,
+                        "hierarchical": lay.grad_sync.hierarchical,
                         "pipeline": (f"{c.pipeline.schedule} x{c.pipeline.microbatches}"
-                                     if program.pipe_axis else "none"),
-                        "layers_per_stage": list(program.layout.layers_per_stage),
-                        "head": "spread" if program.head_spread else "last"}
+                                     if lay.pipe_axis else "none"),
+                        "layers_per_stage": list(lay.stages.layers_per_stage),
+                        "head": "spread" if lay.head_spread else "last"}
   report["num_params"] = program.fns.num_params()
   report["param_bytes_per_device"] = analytic.shard_bytes(
-      program.param_shapes, program.param_specs, shape)
+      lay.param_shapes, lay.param_specs, shape)
   report["device"] = f"{program.mesh.size}x {jax.devices()[0].device_kind} (compiled only)"
   return report
 
@@ -83,16 +84,16 @@ def format_report(report: dict[str, Any]) -> str:
     cond = " (unweighted branch)" if c["in_conditional"] else ""
     lines.append(f"{c['kind']:<20}{','.join(c['axes']):<16}{c['count']:>7.2f}"
                  f"{c['bytes']:>14,}{c['total_bytes']:>14,.0f}{cond}")
-  lines += ["", f"bytes per step by axis (buffers as counted in HLO; wire = ring model)",
+  lines += ["", "bytes per step by axis (buffers as counted in HLO; wire = ring model)",
             f"{'axis':<16}{'measured':>14}{'analytic':>14}{'ratio':>7}"
             f"{'wire meas.':>14}{'wire anal.':>14}{'ratio':>7}"]
   axes = sorted(set(report["bytes_by_axis"]) | set(report["analytic_bytes_by_axis"]))
   for axis in axes:
     cells = []
-    for measured, analytic in (("bytes_by_axis", "analytic_bytes_by_axis"),
+    for measured, expected in (("bytes_by_axis", "analytic_bytes_by_axis"),
                                ("wire_bytes_by_axis", "analytic_wire_bytes_by_axis")):
       m = report[measured].get(axis, 0.0)
-      a = report[analytic].get(axis)
+      a = report[expected].get(axis)
       ratio = f"{m / a:7.3f}" if a else "      -"
       cells.append(f"{m:>14,.0f}{(a or 0):>14,.0f}{ratio}")
     lines.append(f"{axis:<16}{''.join(cells)}")

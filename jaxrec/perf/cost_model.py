@@ -2,7 +2,7 @@
 
 The inputs are what is exact — per-device FLOPs, wire bytes and collective launches
 per mesh axis, peak memory (from the compiled HLO, or the analytic formulas where a
-step is too large to compile) — and a hardware profile (`perf/hardware.py`). The
+step is too large to compile) — and a hardware profile (`jaxrec/hardware.py`). The
 model is deliberately small so every term can be checked by hand:
 
   compute  = FLOPs / (peak x compute_efficiency)
@@ -28,7 +28,7 @@ import math
 from typing import Iterable
 
 from jaxrec.mesh import AXES, MeshShape
-from jaxrec.perf.hardware import Hardware
+from jaxrec.hardware import Hardware
 
 # Sequential latency-bound steps per collective. All-reduce: NCCL's double binary
 # tree / XLA's recursive halving-doubling, 2 x ceil(log2 n) (a ring's 2 (n - 1)

@@ -11,29 +11,15 @@ time = ring_steps x latency + wire_bytes / bandwidth over message sizes).
 from __future__ import annotations
 
 import os
-import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxrec.hardware import Hardware
 from jaxrec.perf.cost_model import LATENCY_STEPS, RING_WIRE
-from jaxrec.perf.hardware import Hardware
-
-
-def median_seconds(fn: Callable, make_args: Callable[[], tuple], repeats: int) -> float:
-  """Median wall time of `fn(*make_args())` after one warm-up (compile) call. Fresh
-  arguments each call (made outside the timed region): `fn` may donate them."""
-  jax.block_until_ready(fn(*make_args()))
-  times = []
-  for _ in range(repeats):
-    args = jax.block_until_ready(make_args())
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+from jaxrec.timing import median_seconds
 
 
 def _per_device(mesh, shape, dtype, seed=0):

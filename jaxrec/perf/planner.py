@@ -21,11 +21,13 @@ from typing import Any, Iterator
 import ml_collections
 
 from jaxrec.config import with_overrides
+from jaxrec.hardware import Hardware
+from jaxrec.layout import Layout
 from jaxrec.mesh import AXES, MeshShape
+from jaxrec.models.losses import LossConfig
 from jaxrec.models.recommender import ModelConfig, RecommenderFns
 from jaxrec.parallel import pipeline
 from jaxrec.perf import cost_model, strategy
-from jaxrec.perf.hardware import Hardware
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 COMPRESSIONS = ("none", "bf16", "int8")
@@ -109,19 +111,15 @@ def variants(config: ml_collections.ConfigDict, shape: MeshShape,
     yield {**p, **c}
 
 
-apply = with_overrides
-
-
 @functools.lru_cache(maxsize=16)
-def _fns(model_key: tuple, num_items: int, max_len: int) -> RecommenderFns:
-  return RecommenderFns(ModelConfig(num_items=num_items, max_len=max_len, **dict(model_key)))
+def _fns(cfg: ModelConfig, loss: LossConfig) -> RecommenderFns:
+  return RecommenderFns(cfg, loss)
 
 
 def fns_for(config: ml_collections.ConfigDict, num_items: int) -> RecommenderFns:
-  cfg = ModelConfig.from_config(config.model, num_items, config.data.max_len)
-  fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-            if f.name not in ("num_items", "max_len")}
-  return _fns(tuple(sorted(fields.items())), num_items, config.data.max_len)
+  """The model functions of a config (cached: candidates share a model)."""
+  return _fns(ModelConfig.from_config(config.model, num_items, config.data.max_len),
+              LossConfig.from_config(config.get("loss")))
 
 
 def evaluate(config: ml_collections.ConfigDict, num_items: int, shape: MeshShape,
@@ -129,16 +127,16 @@ def evaluate(config: ml_collections.ConfigDict, num_items: int, shape: MeshShape
              assumptions: cost_model.Assumptions | None = None) -> Candidate:
   """One candidate, costed from its analytic profile. The chosen layer split and head
   placement are written back into the overrides so the plan runs as predicted."""
-  c = apply(config, {"mesh": _spec(shape), **overrides})
+  c = with_overrides(config, {"mesh": _spec(shape), **overrides})
   if shape.pipe > 1:
     c.pipeline.layers_per_stage = "auto"
     c.pipeline.head = "auto"
-  lay = strategy.layout_for(c, num_items, shape, fns_for(c, num_items))
+  lay = Layout.build(c, fns_for(c, num_items), shape)
   profile = strategy.analytic_profile(lay)
   prediction = cost_model.predict(profile, hw, assumptions)
   full = {"mesh": _spec(shape), **overrides}
   if shape.pipe > 1:
-    full["pipeline.layers_per_stage"] = ",".join(str(n) for n in lay.layout.layers_per_stage)
+    full["pipeline.layers_per_stage"] = ",".join(str(n) for n in lay.stages.layers_per_stage)
     full["pipeline.head"] = "spread" if lay.head_spread else "last"
   return Candidate(shape, full, prediction, profile)
 

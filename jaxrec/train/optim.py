@@ -9,7 +9,7 @@ exactly the mesh axes each leaf is sharded over.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,14 +38,65 @@ def lr_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
   return schedule
 
 
-def optimizer(train: ml_collections.ConfigDict, logical_axes: Any) -> optax.GradientTransformation:
-  """AdamW (decay on params with >= 2 non-layer logical axes), or plain SGD."""
+def optimizer(train: ml_collections.ConfigDict, logical_axes: Any,
+              param_dtype: str = "float32") -> optax.GradientTransformation:
+  """AdamW (decay on params with >= 2 non-layer logical axes), or plain SGD, under the
+  precision policy: Adam's moments stored in `train.opt_state_dtype`, and with bf16
+  params an fp32 master copy in the optimizer state (`train.master_weights`), the
+  stored params being its rounding (Levanter/jmp-style: storage, compute and
+  optimizer dtypes chosen separately)."""
   if train.optimizer == "sgd":
-    return optax.sgd(lr_schedule(train))
-  mask = jax.tree.map(lambda axes: len([a for a in axes if a != "layers"]) >= 2,
-                      logical_axes, is_leaf=lambda x: isinstance(x, tuple))
-  return optax.adamw(lr_schedule(train), b1=train.b1, b2=train.b2, eps=1e-8,
+    tx = optax.sgd(lr_schedule(train))
+  else:
+    mask = jax.tree.map(lambda axes: len([a for a in axes if a != "layers"]) >= 2,
+                        logical_axes, is_leaf=lambda x: isinstance(x, tuple))
+    tx = optax.adamw(lr_schedule(train), b1=train.b1, b2=train.b2, eps=1e-8,
                      weight_decay=train.weight_decay, mask=mask)
+  if train.get("opt_state_dtype", "float32") != "float32":
+    tx = stored_as(tx, jnp.dtype(train.opt_state_dtype))
+  if param_dtype != "float32" and train.get("master_weights", True):
+    tx = with_master_weights(tx)
+  return tx
+
+
+def _cast_floats(tree: Any, dtype) -> Any:
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else x,
+      tree)
+
+
+def stored_as(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+  """`tx` with its floating state stored in `dtype` and updated in fp32."""
+  def init(params):
+    return _cast_floats(tx.init(params), dtype)
+
+  def update(grads, state, params=None):
+    updates, state = tx.update(grads, _cast_floats(state, jnp.float32), params)
+    return updates, _cast_floats(state, dtype)
+
+  return optax.GradientTransformation(init, update)
+
+
+class MasterState(NamedTuple):
+  master: Any      # fp32 copy of the params: what the optimizer really updates
+  inner: Any
+
+
+def with_master_weights(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """Keeps an fp32 master copy of low-precision params in the optimizer state; the
+  updates it returns move the stored params to the master's rounding, so small
+  steps are not lost to bf16's 8-bit mantissa."""
+  def init(params):
+    master = _cast_floats(params, jnp.float32)
+    return MasterState(master, tx.init(master))
+
+  def update(grads, state, params):
+    updates, inner = tx.update(_cast_floats(grads, jnp.float32), state.inner, state.master)
+    master = optax.apply_updates(state.master, updates)
+    to_master = jax.tree.map(lambda m, p: m - p.astype(jnp.float32), master, params)
+    return to_master, MasterState(master, inner)
+
+  return optax.GradientTransformation(init, update)
 
 
 def global_norm(tree: Any, specs: Any) -> jax.Array:

@@ -19,6 +19,7 @@ What could not be carried over exactly is logged as a warning.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jax
@@ -30,13 +31,21 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 from jaxrec.mesh import AXES, MeshShape
 from jaxrec.parallel.pipeline import StageLayout
 from jaxrec.train.state import TrainState
+from jaxrec.train.step import TrainProgram
 
 
-def saved_program(program, meta: dict[str, Any]):
-  """The TrainProgram the checkpoint was written by, on an abstract mesh."""
-  from jaxrec.train.step import TrainProgram  # local: step imports this module's users
-  config = ml_collections.ConfigDict(_json(meta["config"]))
+def saved_program(program: TrainProgram, meta: dict[str, Any]) -> TrainProgram:
+  """The TrainProgram the checkpoint was written by, on an abstract mesh. Its stage
+  split and head placement are the recorded ones (an "auto" split is not solved
+  again: the devices it was measured on may be gone)."""
+  config = ml_collections.ConfigDict(json.loads(meta["config"]))
+  if config.pipeline.get("remat") in (True, False):   # checkpoints before remat policies
+    config.pipeline.remat = "full" if config.pipeline.remat else "none"
   sizes = parse_mesh(meta["mesh"])
+  if sizes.pipe > 1 and "layers_per_stage" in meta:
+    config.pipeline.layers_per_stage = ",".join(str(c) for c in meta["layers_per_stage"])
+    if "head" in meta:
+      config.pipeline.head = meta["head"]
   mesh = AbstractMesh(sizes.sizes, AXES)
   return TrainProgram(config, program.fns, mesh)
 
@@ -51,7 +60,8 @@ def same_layout(program, old) -> bool:
   same_tree = jax.tree.structure(new_shapes) == jax.tree.structure(old_shapes)
   return same_tree and all(a.shape == b.shape for a, b in zip(
       jax.tree.leaves(new_shapes), jax.tree.leaves(old_shapes))) and (
-      program.shape == old.shape and program.layout == old.layout)
+      program.shape == old.shape and program.layout.stages == old.layout.stages and
+      program.layout.head_spread == old.layout.head_spread)
 
 
 def replicated_targets(program, old) -> TrainState:
@@ -71,7 +81,7 @@ def convert(program, old, saved: TrainState) -> TrainState:
       if not any(getattr(k, "key", None) == "layers" for k in path):
         return x
       moved = jnp.moveaxis(x, lead, 0)
-      moved = program.layout.to_slots(old_layout.to_canonical(moved))
+      moved = program.layout.stages.to_slots(old_layout.to_canonical(moved))
       return jnp.moveaxis(moved, 0, lead)
     return jax.tree_util.tree_map_with_path(leaf, tree)
 
@@ -81,25 +91,25 @@ def convert(program, old, saved: TrainState) -> TrainState:
   target = fresh()
 
   def build(saved: TrainState) -> TrainState:
-    params = relayout_layers(saved.params, old.layout)
+    params = relayout_layers(saved.params, old.layout.stages)
     new = program.init_state_from(params, saved.rng, saved.step)
     opt_state = new.opt_state
     if not program.dp.local and not old.dp.local:
-      opt_state = relayout_layers(saved.opt_state, old.layout)
+      opt_state = relayout_layers(saved.opt_state, old.layout.stages)
     dp_state = new.dp_state
     if (program.dp.mode == old.dp.mode == "delayed" and
         _same_shapes(saved.dp_state, target.dp_state)):
       dp_state = saved.dp_state
     if program.dp.local and old.dp.local:
       mean = lambda t: jax.tree.map(lambda x: x.mean(axis=0), t)  # noqa: E731
-      replicas = relayout_layers(mean(saved.dp_state["local_params"]), old.layout)
-      local_opt = relayout_layers(mean(saved.dp_state["local_opt"]), old.layout)
+      replicas = relayout_layers(mean(saved.dp_state["local_params"]), old.layout.stages)
+      local_opt = relayout_layers(mean(saved.dp_state["local_opt"]), old.layout.stages)
       anchor = replicas
       dp_state = dict(new.dp_state)
       dp_state["local_params"] = _broadcast_replicas(replicas, program)
       dp_state["local_opt"] = _broadcast_replicas(local_opt, program)
       if "outer_opt" in dp_state and "outer_opt" in saved.dp_state:
-        dp_state["outer_opt"] = relayout_layers(saved.dp_state["outer_opt"], old.layout)
+        dp_state["outer_opt"] = relayout_layers(saved.dp_state["outer_opt"], old.layout.stages)
       new = new.replace(params=anchor)
     comp_state = new.comp_state
     if _same_shapes(saved.comp_state, target.comp_state):
@@ -129,8 +139,3 @@ def _same_shapes(a: Any, b: Any) -> bool:
 
 def _broadcast_replicas(tree: Any, program) -> Any:
   return jax.tree.map(lambda x: jnp.broadcast_to(x, (program.shape.data_size, *x.shape)), tree)
-
-
-def _json(text: str) -> dict:
-  import json
-  return json.loads(text)

@@ -5,7 +5,8 @@ model applies its own efficiency factors. Links are described per tier: a mesh
 axis runs on the fast tier when it (with every axis inside it) fits in one
 fast-interconnect domain (an NVLink node, a TPU slice), else on the slow tier
 (InfiniBand, data-center network). The local profile is not typed in: it is
-fitted from microbenchmarks (`jaxrec.perf.microbench`).
+fitted from microbenchmarks (`jaxrec.perf.microbench`). The balancer (parallel/)
+and the cost model (perf/) both read these, so they live below both.
 """
 
 from __future__ import annotations
@@ -86,3 +87,16 @@ def get(name: str, path: Path | None = None) -> Hardware:
   if name not in PROFILES:
     raise ValueError(f"unknown hardware {name!r}; known: {sorted(PROFILES) + ['local']}")
   return PROFILES[name]
+
+
+# device_kind substrings -> the published profile of that device
+DEVICE_KINDS = {"H100": H100, "TPU v5p": TPU_V5P, "TPU v5": TPU_V5P}
+
+
+def for_device(device_kind: str) -> Hardware | None:
+  """The published profile of a device kind (`jax.Device.device_kind`), or None when
+  there is none (a CPU, an unlisted accelerator): then measure instead."""
+  for needle, profile in DEVICE_KINDS.items():
+    if needle.lower() in device_kind.lower():
+      return profile
+  return None

@@ -1,0 +1,368 @@
+"""Item losses at catalogue scale: a tiled full softmax and a sampled softmax.
+
+Both score only real targets: `compact` moves the non-padding target positions of a
+batch to the front of a fixed-size buffer (static shape, nothing dropped), and the
+losses walk it in chunks of `token_chunk` tokens, skipping chunks that hold no real
+target, so their cost follows the real targets, not batch x max_len.
+
+Full softmax (MaxText's vocabulary tiling, for an item catalogue): per chunk, one
+pass over tiles of this device's rows of the item table with an online
+log-sum-exp that also accumulates the softmax-weighted sum of item rows — so the
+loss *and* its gradient w.r.t. the hidden states come out of the forward pass —
+then one max and two sum all-reduces over the vocab-parallel axes. The table's
+gradient is a second pass (`full_softmax_table_grad`) from the saved
+log-sum-exps. No more than one [chunk, tile] block of logits is ever alive, and the
+pipeline can run the two passes at different times (the second once per step).
+
+Sampled softmax (HSTU and the in-batch recipes): the target against a shared set of
+candidate negatives — uniform over the catalogue (drawn once per step from the
+step's key: the same on every mesh), the batch's own targets (optionally gathered
+over the data axes), or both — with logQ correction, accidental-hit masking,
+optional L2-normalised embeddings and a temperature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax import lax
+
+from jaxrec.parallel import tensor, vma
+from jaxrec.parallel.vma import make_varying, varying_axes
+
+NEG = -1e30
+# Name scope of the chunk loop's skip conditional (HLO accounting: its weights are
+# the share of chunks holding real targets).
+CHUNK_SCOPE = "item_loss_chunk"
+BLOCK_BYTES = 4 * 2 ** 20   # the auto tile keeps one fp32 [chunk, tile] block under this
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """The item loss (`config.loss`)."""
+  type: str = "full"
+  item_tile: int = 0            # items per tile of the full softmax; 0 = auto
+  token_chunk: int = 1024       # real tokens scored per chunk
+  negatives: str = "uniform"    # sampled: uniform | in_batch | mixed
+  num_negatives: int = 128      # sampled: uniform negatives per step
+  in_batch_global: bool = True  # in-batch negatives gathered over the data axes
+  logq_correction: bool = True  # subtract log(expected count) of each candidate
+  mask_history: bool = False    # also mask negatives found in the row's own items
+  l2_norm: bool = False         # L2-normalise hidden states and item rows (sampled)
+  temperature: float = 1.0      # logits / temperature (sampled)
+
+  @classmethod
+  def from_config(cls, loss: ml_collections.ConfigDict | None) -> "LossConfig":
+    if loss is None:
+      return cls()
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: loss[k] for k in fields if k in loss})
+
+  def tile(self, local_rows: int) -> int:
+    """Items per tile for a shard of `local_rows` rows."""
+    if self.item_tile > 0:
+      return min(self.item_tile, local_rows)
+    return max(1, min(local_rows, BLOCK_BYTES // (4 * self.token_chunk)))
+
+
+# ---------------------------------------------------------------------------
+# Real tokens first.
+# ---------------------------------------------------------------------------
+def compact(targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(order, count): `targets[order]` has the real (> 0) targets first, in their
+  original order, then the padding; `count` real ones. Static shape, O(N)."""
+  real = targets > 0
+  count = real.sum().astype(jnp.int32)
+  dest = jnp.where(real, jnp.cumsum(real) - 1, count + jnp.cumsum(~real) - 1)
+  order = jnp.zeros_like(dest).at[dest].set(jnp.arange(targets.shape[0], dtype=dest.dtype))
+  return order, count
+
+
+def chunk_size(n: int, chunk: int) -> int:
+  """Tokens per chunk for n tokens and at most `chunk` per chunk: the fewest chunks,
+  evened out (1600 tokens at most 1024 -> 2 x 800, not 1024 + 576 padded to 1024)."""
+  pieces = -(-n // chunk)
+  return -(-n // pieces)
+
+
+def _chunked(x: jax.Array, chunk: int) -> jax.Array:
+  """[N, ...] -> [n, chunk, ...] zero-padded."""
+  n = -(-x.shape[0] // chunk)
+  pad = n * chunk - x.shape[0]
+  if pad:
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+  return x.reshape(n, chunk, *x.shape[1:])
+
+
+def _unchunked(x: jax.Array, n: int) -> jax.Array:
+  return x.reshape(-1, *x.shape[2:])[:n]
+
+
+def _over_chunks(fn, targets: jax.Array, chunk: int, xs: tuple) -> Any:
+  """Maps fn over [chunk]-sized pieces of xs ([N, ...] each), skipping the pieces whose
+  `targets` are all padding (their outputs are zeros); returns fn's outputs re-joined
+  to [N, ...]. The skip is decided per device, so collectives inside fn must span
+  only devices that hold the same targets (the vocab-parallel axes)."""
+  n = xs[0].shape[0]
+  chunk = chunk_size(n, chunk)
+  pieces = [_chunked(x, chunk) for x in xs]
+  live = _chunked(targets, chunk).max(-1) > 0
+  shapes = jax.eval_shape(fn, *[p[0] for p in pieces])
+
+  def skip(*piece):
+    del piece
+    return jax.tree.map(vma.zeros, shapes)
+
+  def body(_, args):
+    on, *piece = args
+    with jax.named_scope(CHUNK_SCOPE):
+      return None, lax.cond(on, fn, skip, *piece)
+
+  _, out = lax.scan(body, None, (live, *pieces))
+  return jax.tree.map(lambda o: _unchunked(o, n), out)
+
+
+# ---------------------------------------------------------------------------
+# Tiled full softmax.
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class FullSoftmax:
+  """Static settings of one full-softmax call: the shard's rows are global ids
+  start .. start + rows - 1 (start from `axes`), ids 1..num_items are items."""
+  num_items: int
+  axes: Any          # vocab-parallel mesh axes (None, a name or a tuple of names)
+  tile: int
+  chunk: int
+
+
+def _tiles(rows: int, tile: int) -> int:
+  """Tiles over a shard: tile k covers rows [lo, lo + tile), lo = min(k * tile,
+  rows - tile), so a last partial tile overlaps its predecessor; the rows below
+  k * tile it re-reads are masked (no divisibility needed)."""
+  return -(-rows // tile)
+
+
+def _tile_logits(h, table, k, start, spec: FullSoftmax):
+  rows = table.shape[0]
+  lo = jnp.minimum(k * spec.tile, rows - spec.tile)
+  w = lax.dynamic_slice_in_dim(table, lo, spec.tile, 0)
+  local = lo + jnp.arange(spec.tile)
+  ids = start + local
+  valid = (local >= k * spec.tile) & (ids >= 1) & (ids <= spec.num_items)
+  logits = jnp.einsum("nd,vd->nv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+  return lo, w, valid, logits
+
+
+def _target_rows(h, targets, table, start):
+  """This shard's rows of the targets [N, D] (zero where another shard holds them)."""
+  local = targets - start
+  inside = (targets > 0) & (local >= 0) & (local < table.shape[0])
+  rows = jnp.take(table, jnp.where(inside, local, 0), axis=0)
+  return jnp.where(inside[:, None], rows, 0).astype(jnp.float32), local, inside
+
+
+def _chunk_stats(h, targets, table, spec: FullSoftmax):
+  """(per-token CE, its gradient w.r.t. h, log-sum-exp) of one chunk."""
+  start = tensor.shard_offset(table.shape[0], spec.axes)
+  n = h.shape[0]
+
+  def tile(carry, k):
+    m, s, a = carry
+    _, w, valid, logits = _tile_logits(h, table, k, start, spec)
+    m_new = jnp.maximum(m, jnp.where(valid[None], logits, NEG).max(-1))
+    scale = jnp.exp(m - m_new)
+    p = jnp.where(valid[None], jnp.exp(logits - m_new[:, None]), 0.0)
+    s = s * scale + p.sum(-1)
+    a = a * scale[:, None] + jnp.einsum("nv,vd->nd", p, w.astype(jnp.float32))
+    return (m_new, s, a), None
+
+  vary = varying_axes(h) | varying_axes(table)
+  init = make_varying((jnp.full((n,), NEG, jnp.float32), jnp.zeros((n,), jnp.float32),
+                       jnp.zeros(h.shape, jnp.float32)), vary)
+  (m, s, a), _ = lax.scan(tile, init, jnp.arange(_tiles(table.shape[0], spec.tile)))
+  big = tensor.all_max(m, spec.axes)
+  f = jnp.exp(m - big)
+  w_t, _, _ = _target_rows(h, targets, table, start)
+  target_logit = (h.astype(jnp.float32) * w_t).sum(-1)
+  total, t_logit = tensor.all_reduce(jnp.stack([s * f, target_logit]), spec.axes)
+  lse = jnp.log(total) + big
+  d_h = tensor.all_reduce(a * (f / total)[:, None] - w_t, spec.axes)
+  real = targets > 0
+  return jnp.where(real, lse - t_logit, 0.0), jnp.where(real[:, None], d_h, 0.0), lse
+
+
+def full_softmax_forward(h: jax.Array, targets: jax.Array, table: jax.Array,
+                         spec: FullSoftmax) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(per-token CE [N], its gradient w.r.t. h [N, D], log-sum-exp [N]) of the real
+  targets (0 where the target is padding), against the whole catalogue."""
+  return _over_chunks(lambda hc, tc: _chunk_stats(hc, tc, table, spec), targets, spec.chunk,
+                      (h, targets))
+
+
+def full_softmax_table_grad(h: jax.Array, targets: jax.Array, lse: jax.Array, g: jax.Array,
+                            table: jax.Array, spec: FullSoftmax) -> jax.Array:
+  """The gradient of sum_n g[n] * CE[n] w.r.t. this shard's rows of the table, from
+  the log-sum-exps of the forward pass (no collectives)."""
+  start = tensor.shard_offset(table.shape[0], spec.axes)
+  chunk = chunk_size(h.shape[0], spec.chunk)
+  hg = _chunked(h, chunk)
+  tg = _chunked(targets, chunk)
+  lg = _chunked(lse, chunk)
+  gg = _chunked(g.astype(jnp.float32), chunk)
+  vary = varying_axes(h) | varying_axes(table) | varying_axes(g)
+
+  live = tg.max(-1) > 0
+
+  def tile(acc, k):
+    def chunk(dw, args):
+      on, hc, tc, lc, gc = args
+
+      def work(dw):
+        lo, _, valid, logits = _tile_logits(hc, table, k, start, spec)
+        p = jnp.where(valid[None] & (tc > 0)[:, None], jnp.exp(logits - lc[:, None]), 0.0)
+        return dw + jnp.einsum("nv,nd->vd", p * gc[:, None], hc.astype(jnp.float32))
+
+      with jax.named_scope(CHUNK_SCOPE):
+        return lax.cond(on, work, lambda dw: dw, dw), None
+
+    zero = make_varying(jnp.zeros((spec.tile, table.shape[1]), jnp.float32), vary)
+    dw, _ = lax.scan(chunk, zero, (live, hg, tg, lg, gg))
+    lo = jnp.minimum(k * spec.tile, table.shape[0] - spec.tile)
+    acc = lax.dynamic_update_slice_in_dim(
+        acc, lax.dynamic_slice_in_dim(acc, lo, spec.tile, 0) + dw, lo, 0)
+    return acc, None
+
+  acc = make_varying(jnp.zeros(table.shape, jnp.float32), vary)
+  acc, _ = lax.scan(tile, acc, jnp.arange(_tiles(table.shape[0], spec.tile)))
+  _, local, inside = _target_rows(h, targets, table, start)
+  rows = jnp.where(inside, local, table.shape[0])   # out of range -> dropped
+  return acc.at[rows].add(-g.astype(jnp.float32)[:, None] * h.astype(jnp.float32), mode="drop")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def full_softmax(h: jax.Array, targets: jax.Array, table: jax.Array,
+                 spec: FullSoftmax) -> jax.Array:
+  """Per-token CE [N] (targets 0 score 0), differentiable w.r.t. h and the table with
+  the two passes above."""
+  return full_softmax_forward(h, targets, table, spec)[0]
+
+
+def _full_fwd(h, targets, table, spec):
+  loss, d_h, lse = full_softmax_forward(h, targets, table, spec)
+  return loss, (h, targets, table, d_h, lse)
+
+
+def _full_bwd(spec, res, g):
+  h, targets, table, d_h, lse = res
+  d_table = full_softmax_table_grad(h, targets, lse, g, table, spec)
+  d_h = (g[:, None] * d_h).astype(h.dtype)
+  return (make_varying(d_h, varying_axes(h)), None,
+          make_varying(d_table.astype(table.dtype), varying_axes(table)))
+
+
+full_softmax.defvjp(_full_fwd, _full_bwd)
+
+
+# ---------------------------------------------------------------------------
+# Sampled softmax.
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class Candidates:
+  """The negatives every token is scored against: ids [K] (0 = none), their rows
+  [K, D] and the log of their expected count in the candidate set [K]."""
+  ids: jax.Array
+  rows: jax.Array
+  log_q: jax.Array
+
+
+def uniform_negatives(key: jax.Array, num: int, num_items: int) -> jax.Array:
+  """`num` item ids drawn uniformly from 1..num_items (with replacement)."""
+  return jax.random.randint(key, (num,), 1, num_items + 1, dtype=jnp.int32)
+
+
+def expected_counts(ids: jax.Array, uniform: int, num_items: int, in_batch: int
+                    ) -> jax.Array:
+  """log E[times each candidate appears in the candidate set]: uniform draws give
+  uniform / num_items each; the in-batch part (the first `in_batch` entries of
+  `ids` after the uniform ones) counts how often the item occurs there, i.e. the
+  popularity-proportional sampling probability of in-batch negatives."""
+  q = jnp.full(ids.shape, uniform / num_items, jnp.float32)
+  if in_batch:
+    batch = ids[uniform:]
+    sorted_ids = jnp.sort(batch)
+    counts = (jnp.searchsorted(sorted_ids, ids, side="right")
+              - jnp.searchsorted(sorted_ids, ids, side="left")).astype(jnp.float32)
+    q = q + jnp.where(ids > 0, counts, 0.0) * 1.0
+  return jnp.log(jnp.maximum(q, 1e-30))
+
+
+def sampled_softmax(h: jax.Array, targets: jax.Array, target_rows: jax.Array,
+                    cands: Candidates, cfg: LossConfig,
+                    history_hits: jax.Array | None = None) -> jax.Array:
+  """Per-token sampled-softmax CE [N] (0 where the target is padding).
+
+  target_rows [N, D]: the targets' item rows; history_hits [N, K] (optional): True
+  where a candidate is among the token's row's own items (masked like an
+  accidental hit). A candidate equal to the target is always masked.
+  """
+  hn = h.astype(jnp.float32)
+  pos = target_rows.astype(jnp.float32)
+  neg = cands.rows.astype(jnp.float32)
+  if cfg.l2_norm:
+    hn, pos, neg = (_l2(x) for x in (hn, pos, neg))
+  inv_t = 1.0 / cfg.temperature
+  t_log_q = _log_q_of(targets, cands) if cfg.logq_correction else None
+  hits = history_hits
+
+  def chunk(hc, tc, pc, qc, hitc):
+    pos_logit = (hc * pc).sum(-1) * inv_t
+    neg_logit = jnp.einsum("nd,kd->nk", hc, neg) * inv_t
+    if cfg.logq_correction:
+      pos_logit = pos_logit - qc
+      neg_logit = neg_logit - cands.log_q[None]
+    mask = (cands.ids[None] > 0) & (cands.ids[None] != tc[:, None])
+    if hitc is not None:
+      mask &= ~hitc
+    neg_logit = jnp.where(mask, neg_logit, NEG)
+    logits = jnp.concatenate([pos_logit[:, None], neg_logit], axis=1)
+    loss = jax.nn.logsumexp(logits, axis=-1) - pos_logit
+    return jnp.where(tc > 0, loss, 0.0)
+
+  chunk = jax.checkpoint(chunk)   # no [chunk, K] logits kept for the backward
+  q = t_log_q if t_log_q is not None else jnp.zeros(targets.shape, jnp.float32)
+  xs = (hn, targets, pos, q) + (() if hits is None else (hits,))
+  fn = chunk if hits is not None else (lambda a, b, c, d: chunk(a, b, c, d, None))
+  return _over_chunks(fn, targets, cfg.token_chunk, xs)
+
+
+def _log_q_of(targets: jax.Array, cands: Candidates) -> jax.Array:
+  """log expected count of each target in the candidate set (the positive's own logQ)."""
+  order = jnp.argsort(cands.ids)
+  sorted_ids = cands.ids[order]
+  at = jnp.clip(jnp.searchsorted(sorted_ids, targets), 0, sorted_ids.shape[0] - 1)
+  found = sorted_ids[at] == targets
+  base = jnp.min(cands.log_q)   # an item absent from the set: the uniform share
+  return jnp.where(found, cands.log_q[order][at], base)
+
+
+def _l2(x: jax.Array) -> jax.Array:
+  return x * lax.rsqrt(jnp.maximum((x * x).sum(-1, keepdims=True), 1e-12))
+
+
+def history_hits(row_items: jax.Array, rows_of_tokens: jax.Array,
+                 cand_ids: jax.Array) -> jax.Array:
+  """[N, K]: candidate k is among the items of token n's row (row_items [B, T])."""
+  sorted_rows = jnp.sort(row_items, axis=-1)
+
+  def member(row):
+    at = jnp.clip(jnp.searchsorted(row, cand_ids), 0, row.shape[0] - 1)
+    return (row[at] == cand_ids) & (cand_ids > 0)
+
+  per_row = jax.vmap(member)(sorted_rows)          # [B, K]
+  return per_row[rows_of_tokens]
+
