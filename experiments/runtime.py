@@ -71,12 +71,12 @@ def user_errors():
   from jaxrec.mesh import MeshSpecError
   from jaxrec.partitioning import PartitioningError
   from jaxrec.parallel.pipeline import PipelineConfigError
-  from jaxrec.train.checkpoint import CheckpointMismatchError
+  from jaxrec.train.checkpoint import CheckpointMismatchError, CheckpointReadError
   from jaxrec.train.loop import NonFiniteTrainingError
   try:
     yield
   except (ConfigError, DataFormatError, MeshSpecError, PartitioningError, PipelineConfigError,
-          CheckpointMismatchError, FileNotFoundError) as e:
+          CheckpointMismatchError, CheckpointReadError, FileNotFoundError) as e:
     logging.error("%s: %s", type(e).__name__, e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

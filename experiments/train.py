@@ -32,9 +32,10 @@ def main(argv: list[str]) -> None:
           "command is run again")
     return
   keys = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr")
+  baseline = summary["baseline_most_popular_test"]
   print(json.dumps({
       "test": {k: round(summary["test"][k], 4) for k in keys},
-      "most_popular_test": {k: round(summary["baseline_most_popular_test"][k], 4) for k in keys},
+      "most_popular_test": baseline and {k: round(baseline[k], 4) for k in keys},
       "protocol": summary["protocol"],
       "wall_time_s": round(summary["wall_time_s"], 1),
       "workdir": _WORKDIR.value,

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
 AXES: tuple[str, ...] = ("replica", "data", "pipe", "tensor")
@@ -107,31 +109,36 @@ def build_mesh(shape: MeshShape, devices: Sequence[jax.Device] | None = None) ->
 
   Multi-process runs put `replica` across processes (slices/hosts) via
   `create_hybrid_device_mesh` when it divides evenly; otherwise the physical-topology
-  aware `create_device_mesh` orders the devices. Axes are Auto (not Explicit): the
-  train step is one shard_map over the whole mesh, so nothing relies on sharding-in-types.
+  aware `create_device_mesh` orders the devices. On a TPU a layout the topology
+  cannot hold is an error (a silent fallback could put `tensor` on slow links); on
+  CPU and GPU, where the builders have no topology to follow, a failure falls back
+  to device-id order with a warning naming the devices. Axes are Auto (not
+  Explicit): the train step is one shard_map over the whole mesh.
   """
-  from jax.experimental import mesh_utils
-
   devices = list(jax.devices() if devices is None else devices)
   if len(devices) != shape.num_devices:
     raise MeshSpecError(
         f"mesh {shape} needs {shape.num_devices} devices, got {len(devices)}")
   num_processes = len({d.process_index for d in devices})
-  arranged = None
-  if num_processes > 1 and shape.replica % num_processes == 0:
-    per_process = list(shape.sizes)
-    per_process[0] //= num_processes
-    dcn = [num_processes, 1, 1, 1]
-    try:
+  try:
+    if num_processes > 1 and shape.replica % num_processes == 0:
+      per_process = list(shape.sizes)
+      per_process[0] //= num_processes
       arranged = mesh_utils.create_hybrid_device_mesh(
-          per_process, dcn, devices, process_is_granule=True)
-    except (ValueError, AssertionError, NotImplementedError):
-      arranged = None
-  if arranged is None:
-    try:
+          per_process, [num_processes, 1, 1, 1], devices, process_is_granule=True)
+    else:
       arranged = mesh_utils.create_device_mesh(shape.sizes, devices)
-    except (ValueError, AssertionError, NotImplementedError):
-      arranged = np.asarray(devices).reshape(shape.sizes)
+  except (ValueError, AssertionError, NotImplementedError) as e:
+    layout = (f"{len(devices)} {devices[0].platform} devices ({devices[0].device_kind}) "
+              f"over {num_processes} process(es)")
+    if devices[0].platform == "tpu":
+      raise MeshSpecError(
+          f"mesh {shape} does not fit the TPU topology of {layout}: {e}. Choose axis "
+          "sizes that tile the slice's physical torus (e.g. tensor within a chip's "
+          "neighbours) or another factorisation") from e
+    logging.warning("mesh %s: no topology-aware layout for %s (%s); devices are laid out "
+                    "in id order", shape, layout, e)
+    arranged = np.asarray(sorted(devices, key=lambda d: d.id)).reshape(shape.sizes)
   return Mesh(arranged, AXES)
 
 

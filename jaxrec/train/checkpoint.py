@@ -12,6 +12,7 @@ checkpoint as the latest.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -21,8 +22,17 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
 FORMAT_VERSION = 1
+# A read failing with one of these may succeed if tried again (a network file system,
+# an overloaded bucket mount): retried with backoff, never taken as corruption.
+TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE, errno.EBUSY,
+                    errno.ECONNRESET, errno.ECONNREFUSED, errno.ENETDOWN, errno.ENETUNREACH,
+                    errno.EHOSTUNREACH, errno.EINTR}
+READ_ATTEMPTS = 4
+RETRY_BACKOFF_S = 1.0   # doubled after each failed attempt
 # Fault injection: SIGKILL this process right after the save of that step starts
 # writing (before orbax commits it), as a hard preemption would.
 KILL_DURING_SAVE = "JAXREC_FAULT_KILL_DURING_SAVE"
@@ -30,6 +40,50 @@ KILL_DURING_SAVE = "JAXREC_FAULT_KILL_DURING_SAVE"
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint that does not belong to the model being trained."""
+
+
+class CheckpointReadError(RuntimeError):
+  """A checkpoint that could not be read for a reason that does not prove it broken."""
+
+
+def _chain(e: BaseException):
+  while e is not None:
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def is_transient(e: BaseException) -> bool:
+  """A read error worth retrying: time-outs, dropped connections, I/O errors."""
+  for err in _chain(e):
+    if isinstance(err, (TimeoutError, ConnectionError, InterruptedError)):
+      return True
+    if (isinstance(err, OSError) and not isinstance(err, FileNotFoundError)
+        and err.errno in TRANSIENT_ERRNOS):
+      return True
+  return False
+
+
+def is_corrupt(e: BaseException) -> bool:
+  """An error that shows the checkpoint itself is broken: missing or unparsable
+  files, metadata that does not describe the arrays, bytes that do not decode."""
+  if is_transient(e):
+    return False
+  return any(isinstance(err, (FileNotFoundError, ValueError, KeyError, IndexError, TypeError,
+                              json.JSONDecodeError)) for err in _chain(e))
+
+
+def retrying(read, what: str):
+  """read() with retries of transient errors (exponential backoff)."""
+  for attempt in range(READ_ATTEMPTS):
+    try:
+      return read()
+    except Exception as e:  # noqa: BLE001
+      if not is_transient(e) or attempt == READ_ATTEMPTS - 1:
+        raise
+      wait = RETRY_BACKOFF_S * 2 ** attempt
+      logging.warning("reading %s failed (%s: %s); retrying in %.1fs", what,
+                      type(e).__name__, e, wait)
+      time.sleep(wait)
 
 
 def param_shapes(params: Any) -> dict[str, list[int]]:
@@ -60,20 +114,25 @@ class Checkpointer:
       os.kill(os.getpid(), signal.SIGKILL)
 
   def read_meta(self, step: int) -> dict[str, Any]:
-    return self.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))["meta"]
+    return retrying(lambda: self.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"], f"checkpoint {step} metadata")
 
   def restore(self, step: int, target: Any) -> Any:
     """Restores onto the shapes and shardings carried by `target` (any mesh)."""
-    return self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
+    return retrying(lambda: self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"], f"checkpoint {step}")
 
   def quarantine(self, step: int) -> Path:
-    """Moves an unreadable step aside (kept for inspection, never deleted) so the run
-    can save that step again."""
-    dest = self.directory.parent / f"{self.directory.name}-unreadable" / f"{step}-{int(time.time())}"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    (self.directory / str(step)).rename(dest)
+    """Moves a broken step aside (kept for inspection, never deleted) so the run can
+    save that step again. Process 0 moves the shared folder; every process waits for
+    it at a barrier before looking at the folder again."""
+    dest = (self.directory.parent / f"{self.directory.name}-unreadable" /
+            f"{step}-{int(time.time())}")
+    if jax.process_index() == 0:
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      (self.directory / str(step)).rename(dest)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"jaxrec quarantine checkpoint {step}")
     self.manager.reload()
     return dest
 
