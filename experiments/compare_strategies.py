@@ -33,9 +33,6 @@ _SIZES = flags.DEFINE_list("sizes", ["small", "1b_10m_items", "table_20m_items"]
                            "Model sizes (see SIZES).")
 _HLO_MAX_DEVICES = flags.DEFINE_integer(
     "hlo_max_devices", 64, "Compile the real step for N up to this (and the devices present).")
-_MAX_TICKS = flags.DEFINE_integer(
-    "max_ticks", 80, "Pipelines with longer schedules are costed analytically (the unrolled "
-    "executor's compile time grows with the tick count).")
 _HLO_RERANK = flags.DEFINE_integer(
     "hlo_rerank", 4, "Where N is compilable: re-cost this many of the planner's top plans "
     "from the compiled step and keep the best that fits.")
@@ -133,11 +130,9 @@ def main(argv):
           cand, profile, pred, tried = hlo_rerank(config, num_items, fits, hw)
           source = (f"hlo (compiled on {n} fake {jax.devices()[0].platform} devices; "
                     f"best of the planner's top {tried} by the compiled step)")
-        elif compilable and _ticks(cand) <= _MAX_TICKS.value:
+        elif compilable:
           profile, pred, _ = hlo_cost(config, num_items, cand, hw)
           source = f"hlo (compiled on {n} fake {jax.devices()[0].platform} devices)"
-        elif compilable:
-          source = f"analytic (pipeline of {_ticks(cand)} ticks: too slow to compile here)"
         row.update(source=source, feasible=True, mesh=cand.mesh_spec, flags=cand.flags(),
                    step_time_s=pred.step_time, tokens_per_s=pred.tokens_per_second,
                    utilization=pred.utilization, fits_memory=pred.fits,
@@ -162,7 +157,7 @@ def hlo_rerank(config, num_items, fits, hw):
   `--hlo_rerank` compilable plans whose compiled peak memory fits; if none fits,
   the fastest of them (its row then says it does not fit)."""
   results = []
-  for cand in [c for c in fits if _ticks(c) <= _MAX_TICKS.value][:_HLO_RERANK.value]:
+  for cand in fits[:_HLO_RERANK.value]:
     profile, pred, _ = hlo_cost(config, num_items, cand, hw)
     results.append((cand, profile, pred))
   if not results:
@@ -170,15 +165,6 @@ def hlo_rerank(config, num_items, fits, hw):
   fitting = [r for r in results if r[2].fits] or results
   best = min(fitting, key=lambda r: r[2].step_time)
   return (*best, len(results))
-
-
-def _ticks(cand) -> int:
-  from jaxrec.parallel.pipeline import Schedule
-  o = cand.overrides
-  if cand.shape.pipe <= 1:
-    return 0
-  return Schedule(o["pipeline.schedule"], cand.shape.pipe, o["pipeline.microbatches"],
-                  o["pipeline.virtual_stages"]).ticks
 
 
 def _gain(rows, size, n) -> dict:

@@ -10,7 +10,10 @@
 2. A timeline picture per schedule (p=4, m=8): OUT/timeline_<schedule>.png.
 3. The compiled peak memory per device and CPU compile time of the real train
    step for GPipe, 1F1B and interleaved on the same model with m=8.
-Writes OUT/pipeline_schedules.json.
+4. Compile time and program size (HLO instructions) of the 1F1B step on pipe:4 for
+   m = 4 ... 32: the scanned executor walks the schedule as data, so neither should
+   grow with m.
+Writes OUT/pipeline_schedules.json. On a CPU the 8 devices are faked.
 """
 
 from __future__ import annotations
@@ -81,13 +84,41 @@ def plot_timeline(schedule, path: Path) -> None:
   plt.close(fig)
 
 
+def hlo_instructions(compiled) -> int:
+  return sum(1 for line in compiled.as_text().splitlines() if " = " in line and "%" in line)
+
+
+def compile_scaling(config, num_items: int, microbatches=(4, 8, 16, 32)):
+  """(m, ticks, compile seconds, HLO instructions) of pipe:4 1F1B."""
+  import jax
+  from jaxrec.perf.comm import build_program, compile_step
+  rows = []
+  for m in microbatches:
+    c = config.copy_and_resolve_references()
+    c.mesh = "pipe:4"
+    c.pipeline.schedule = "1f1b"
+    c.pipeline.microbatches = m
+    c.model.n_layers = 4
+    c.train.batch_size = max(c.train.batch_size, m)
+    program = build_program(c, num_items, jax.devices()[:4])
+    start = time.perf_counter()
+    compiled = compile_step(program)
+    rows.append({"m": m, "ticks": program.layout.schedule.ticks,
+                 "compile_s": time.perf_counter() - start,
+                 "hlo_instructions": hlo_instructions(compiled)})
+  return rows
+
+
 def memory_rows(config, mesh: str, num_items: int):
   from jaxrec.perf import hlo
   from jaxrec.perf.comm import build_program, compile_step
   rows = []
+  pipe = int(dict(p.split(":") for p in mesh.split(",")).get("pipe", 1))
   for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
     c = config.copy_and_resolve_references()
     c.mesh = mesh
+    step = 2 * pipe   # every schedule here (interleaved: v = 2) splits the layers evenly
+    c.model.n_layers = -(-c.model.n_layers // step) * step
     c.pipeline.schedule = name
     c.pipeline.virtual_stages = v
     c.pipeline.microbatches = 8
@@ -106,7 +137,7 @@ def memory_rows(config, mesh: str, num_items: int):
 
 def main(argv):
   del argv
-  runtime.setup()
+  runtime.setup(cpu_devices=8)
   from jaxrec.parallel.pipeline import Schedule
 
   out = Path(_OUT.value)
@@ -124,7 +155,7 @@ def main(argv):
   for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
     plot_timeline(Schedule(name, 4, 8, v), out / f"timeline_{name}.png")
 
-  config = _CONFIG.value
+  config = runtime.shrink(_CONFIG.value) if runtime.small() else _CONFIG.value
   memory = memory_rows(config, _MESH.value, _NUM_ITEMS.value)
   print(f"\ncompiled train step, mesh {_MESH.value}, m=8, d_model {config.model.d_model}, "
         f"{config.model.n_layers} layers, batch {config.train.batch_size} x "
@@ -134,8 +165,15 @@ def main(argv):
     name = r["schedule"] + (f" v={r['v']}" if r["v"] > 1 else "")
     print(f"{name:<14}{r['slots']:>6}{r['ticks']:>7}{r['peak_memory_bytes'] / 2**20:>10.1f}"
           f"{r['temp_bytes'] / 2**20:>10.1f}{r['compile_s']:>11.1f}")
+  scaling = compile_scaling(config, _NUM_ITEMS.value,
+                            (4, 8) if runtime.small() else (4, 8, 16, 32))
+  print(f"\n1F1B on pipe:4, 4 layers: compile time and program size vs microbatches "
+        f"(CPU compile)\n{'m':>4}{'ticks':>7}{'compile s':>11}{'HLO instr.':>12}")
+  for r in scaling:
+    print(f"{r['m']:>4}{r['ticks']:>7}{r['compile_s']:>11.1f}{r['hlo_instructions']:>12}")
   (out / "pipeline_schedules.json").write_text(json.dumps(
-      {"bubbles": rows, "memory": memory, "config": config.to_dict()}, indent=2))
+      {"bubbles": rows, "memory": memory, "compile_scaling": scaling,
+       "config": config.to_dict(), "device": "CPU (compile only)"}, indent=2))
   print(f"\nwrote {out / 'pipeline_schedules.json'} and timeline_*.png")
 
 

@@ -48,7 +48,19 @@ CPU_COLLECTIVE_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=180
                         "--xla_cpu_collective_timeout_seconds=1800")
 
 
-def setup() -> None:
+# JAXREC_SMALL=1: every experiment shrinks its model, data and steps to a smoke run
+# (the README's commands are run that way by tests/test_readme_commands.py).
+SMALL_ENV = "JAXREC_SMALL"
+
+
+def small() -> bool:
+  return os.environ.get(SMALL_ENV, "") not in ("", "0")
+
+
+def setup(cpu_devices: int = 0) -> None:
+  """Flags that must act before jax creates its backends. `cpu_devices`: what this
+  experiment's default mesh needs when it runs on the CPU (faked unless
+  --cpu_devices says otherwise; an accelerator's own devices are used as they are)."""
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_COLLECTIVE_FLAGS}".strip()
   import jax
   if not _LIBRARY_LOGS.value:
@@ -56,11 +68,26 @@ def setup() -> None:
   if _CPU_DEVICES.value > 0:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+  elif cpu_devices > 0:   # only the CPU backend gets them; a GPU/TPU stays the default
+    jax.config.update("jax_num_cpu_devices", cpu_devices)
   from jaxrec import distributed
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          _DISTRIBUTED.value, cpu=_CPU_DEVICES.value > 0)
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
+
+
+def shrink(config):
+  """A smoke-run copy of a config (JAXREC_SMALL): tiny model, a few steps, few users."""
+  from jaxrec.config import with_overrides
+  return with_overrides(config, {
+      "model.d_model": 16, "model.n_heads": 2, "model.d_ff": 32,
+      "model.n_layers": max(2, config.pipeline.virtual_stages * 2),
+      "data.max_len": min(config.data.max_len, 16), "train.steps": 4,
+      "train.batch_size": 16, "train.log_every": 2, "train.eval_every": 0,
+      "train.checkpoint_every": 0, "train.warmup_steps": 1, "eval.max_users": 16,
+      "eval.batch_size": 16, "pipeline.microbatches": min(config.pipeline.microbatches, 2),
+      "loss.token_chunk": 64})
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from jaxrec.mesh import MeshShape
 
 DATA_FORMATS = ("auto", "movielens_csv", "movielens_dat", "sasrec")
 POSITIONS = ("learned", "rope", "none")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "relu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
@@ -85,6 +85,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.opt_state_dtype = "float32"  # Adam moments' storage dtype (bf16 halves them)
   c.train.master_weights = True  # with bf16 params: keep an fp32 copy in the optimizer
   c.train.preemption_check_every = 10  # steps between cross-process preemption checks
+  # "" or a validation metric (e.g. "ndcg@10"): keep the params of the evaluation
+  # (every eval_every steps) with the best value and report test metrics for those.
+  c.train.select_on = ""
   c.train.log_every = 50
   c.train.eval_every = 500    # 0 = only at the end
   c.train.checkpoint_every = 500  # 0 = only at the end
@@ -244,6 +247,14 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
         f"config.eval.batch_size = {c.eval.batch_size}: the per-replica eval batch "
         f"({c.eval.batch_size // d}) must be divisible by the pipe axis ({mesh.pipe}), "
         "which splits it into microbatches")
+  if c.train.select_on:
+    from_metrics = {f"{m}@{k}" for m in ("hr", "ndcg") for k in (1, 5, 10, 20, 50)} | {"mrr"}
+    if c.train.select_on not in from_metrics:
+      raise ConfigError(f"config.train.select_on = {c.train.select_on!r}; valid values are '' "
+                        f"or one of {sorted(from_metrics)}")
+    if not c.train.eval_every:
+      raise ConfigError("config.train.select_on needs config.train.eval_every > 0 (the "
+                        "validation evaluations it selects from)")
   for field in ("train.log_every", "train.eval_every", "train.checkpoint_every",
                 "train.preemption_check_every"):
     if _get(c, field) < 0:

@@ -151,7 +151,7 @@ def brute_force(config, devices: int, hw: Hardware):
     if p > 1:
       pipes = [{"pipeline.schedule": s, "pipeline.virtual_stages": v, "pipeline.microbatches": m}
                for s in planner.SCHEDULES for v in range(1, planner.MAX_VIRTUAL + 1)
-               for m in range(1, planner.MAX_MICROBATCHES_PER_STAGE * p + 1)]
+               for m in range(1, config.train.batch_size + 1)]
     comps = [{"compression.method": c, "compression.hierarchical": h}
              for c in planner.COMPRESSIONS for h in (False, True)]
     for extra in pipes:

@@ -9,6 +9,7 @@ import pytest
 from jaxrec.train.checkpoint import CheckpointMismatchError
 from jaxrec.train.loop import train_and_evaluate
 from experiments.configs import quickstart
+from tests.helpers import tiny_config
 
 EVAL_KEYS = {"step", "split", "hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10",
              "ndcg@20", "mrr"}
@@ -93,3 +94,21 @@ def test_train_command_line_runs(tmp_path):
   out = json.loads(result.stdout[result.stdout.index("{"):])
   assert set(out["test"]) >= {"hr@10", "ndcg@10", "mrr"}
   assert "step 3/3" in result.stderr
+
+
+def test_select_on_reports_the_test_metrics_of_the_best_validation_step(tmp_path):
+  c = tiny_config(**{"data.max_len": 16, "train.steps": 8, "train.eval_every": 2,
+                     "train.checkpoint_every": 4, "train.log_every": 0,
+                     "train.select_on": "ndcg@10", "eval.max_users": 48,
+                     "eval.batch_size": 16, "train.lr": 5e-3})
+  summary = train_and_evaluate(c, tmp_path)
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  valid = {r["step"]: r["ndcg@10"] for r in rows if r.get("split") == "valid"}
+  best = max(valid, key=lambda s: (valid[s], -s))
+  assert sorted(valid) == [2, 4, 6, 8]
+  assert summary["selected"]["step"] == best
+  assert summary["valid"]["ndcg@10"] == pytest.approx(valid[best])
+  assert summary["final"]["step"] == 8
+  if best != 8:
+    selected_test = [r for r in rows if r.get("split") == "test" and r.get("selected")]
+    assert selected_test and selected_test[0]["ndcg@10"] == pytest.approx(summary["test"]["ndcg@10"])

@@ -64,7 +64,8 @@ class ItemEmbedding(nnx.Module):
                         preferred_element_type=jnp.float32)
     return jnp.where(valid[None], logits, NEG)
 
-  def _tiles(self, h: jax.Array, exclude: jax.Array, keep: jax.Array, ctx: Context):
+  def _tiles(self, h: jax.Array, exclude: jax.Array, keep: jax.Array, ctx: Context,
+             normalize: bool = False):
     """(tile function, tile count): tile k -> (global ids [tile], scores [N, tile]) with
     padding rows and the excluded ids (exclude [N, H], 0 = none; not where `keep`
     [N, H]) at -1e30. A last partial tile overlaps its predecessor; re-read rows
@@ -77,6 +78,9 @@ class ItemEmbedding(nnx.Module):
     def scores_of(k):
       lo = jnp.minimum(k * tile, rows - tile)
       w = lax.dynamic_slice_in_dim(table, lo, tile, 0)
+      if normalize:   # cosine ranking for a model trained on L2-normalised rows
+        w = w * lax.rsqrt(jnp.maximum((w.astype(jnp.float32) ** 2).sum(-1, keepdims=True),
+                                      1e-12)).astype(w.dtype)
       local = lo + jnp.arange(tile)
       ids = start + local
       valid = (local >= k * tile) & (ids >= 1) & (ids <= self.num_items)
@@ -91,14 +95,14 @@ class ItemEmbedding(nnx.Module):
     return scores_of, -(-rows // tile)
 
   def target_rank(self, h: jax.Array, target: jax.Array, exclude: jax.Array,
-                  ctx: Context) -> jax.Array:
+                  ctx: Context, normalize: bool = False) -> jax.Array:
     """0-based rank of `target` among all items for rows of h [N, D].
 
     Items in `exclude` [N, H] (the user's history; 0 = none) are removed unless they
     are the target. Ties count against the target, so a constant scorer ranks last.
     """
     table, _, _ = self._local(ctx)
-    scores_of, n_tiles = self._tiles(h, exclude, exclude == target[:, None], ctx)
+    scores_of, n_tiles = self._tiles(h, exclude, exclude == target[:, None], ctx, normalize)
     vary = varying_axes(h) | varying_axes(table) | varying_axes(target)
 
     # Pass 1: the target's score, read from the same tile matmuls pass 2 compares
@@ -122,10 +126,12 @@ class ItemEmbedding(nnx.Module):
     local_count, _ = lax.scan(count, zero, jnp.arange(n_tiles))
     return tensor.all_reduce(local_count, ctx.tensor_axis)
 
-  def top_k(self, h: jax.Array, k: int, exclude: jax.Array, ctx: Context):
+  def top_k(self, h: jax.Array, k: int, exclude: jax.Array, ctx: Context,
+            normalize: bool = False):
     """Top-k item ids and scores over the whole catalogue: a running top-k over this
     shard's tiles, then an all-gather of k candidates per shard and a final top-k."""
-    scores_of, n_tiles = self._tiles(h, exclude, jnp.zeros(exclude.shape, bool), ctx)
+    scores_of, n_tiles = self._tiles(h, exclude, jnp.zeros(exclude.shape, bool), ctx,
+                                     normalize)
     table, _, _ = self._local(ctx)
     k_local = min(k, table.shape[0])
 

@@ -133,7 +133,8 @@ class MLP(nnx.Module):
       h = tensor.column_parallel(x, self.w_in[...], "btd,dkf->btkf")
       h = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
     else:
-      h = jax.nn.gelu(tensor.column_parallel(x, self.w_in[...], "btd,df->btf"))
+      act = jax.nn.relu if self.kind == "relu" else jax.nn.gelu
+      h = act(tensor.column_parallel(x, self.w_in[...], "btd,df->btf"))
     return tensor.row_parallel(h, self.w_out[...], "btf,fd->btd", ctx.tensor_axis)
 
 

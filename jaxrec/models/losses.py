@@ -354,15 +354,20 @@ def _l2(x: jax.Array) -> jax.Array:
   return x * lax.rsqrt(jnp.maximum((x * x).sum(-1, keepdims=True), 1e-12))
 
 
-def history_hits(row_items: jax.Array, rows_of_tokens: jax.Array,
-                 cand_ids: jax.Array) -> jax.Array:
-  """[N, K]: candidate k is among the items of token n's row (row_items [B, T])."""
-  sorted_rows = jnp.sort(row_items, axis=-1)
+def history_hits(tokens: dict[str, jax.Array], order: jax.Array, cand_ids: jax.Array,
+                 num_items: int) -> jax.Array:
+  """[N, K]: candidate k is among the items of token n's own sequence (its row's
+  segment; `order` [N] gives each token's flat [B * T] position in `tokens`)."""
+  items = tokens["inputs"]
+  seg = tokens.get("segments", (items > 0).astype(jnp.int32))
+  t = items.shape[1]
+  keys = jnp.where(items > 0, seg * (num_items + 1) + items, -1)
+  sorted_keys = jnp.sort(keys, axis=-1)
+  rows, cols = order // t, order % t
 
-  def member(row):
-    at = jnp.clip(jnp.searchsorted(row, cand_ids), 0, row.shape[0] - 1)
-    return (row[at] == cand_ids) & (cand_ids > 0)
+  def member(r, s):
+    wanted = s * (num_items + 1) + cand_ids
+    at = jnp.clip(jnp.searchsorted(sorted_keys[r], wanted), 0, t - 1)
+    return (sorted_keys[r][at] == wanted) & (cand_ids > 0)
 
-  per_row = jax.vmap(member)(sorted_rows)          # [B, K]
-  return per_row[rows_of_tokens]
-
+  return jax.vmap(member)(rows, seg[rows, cols])

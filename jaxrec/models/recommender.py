@@ -28,6 +28,8 @@ from jaxrec.parallel.vma import make_varying, tree_varying_axes, varying_axes
 from jaxrec.partitioning import logical_axes_of
 
 Params = dict[str, Any]
+# Per-token arrays of a batch: ids [B, T], or {"inputs": ids, "segments": [B, T], ...}
+Tokens = jax.Array | dict[str, jax.Array]
 # Name scope of the cond that skips pipeline padding slots (branch 1 = a real layer).
 LAYER_SLOT_SCOPE = "layer_slot"
 
@@ -145,11 +147,12 @@ class RecommenderFns:
     """The item rows of ids [B, T] -> [B, T, D] (vocab-parallel over ctx's axis)."""
     return self.item_table(params).lookup(inputs, ctx)
 
-  def embed(self, params: Params, inputs: jax.Array, ctx: Context) -> jax.Array:
-    """inputs [B, T] -> h [B, T, D] (uses params['items'] and params.get('pos'))."""
-    return self.embed_rows(params, self.lookup(params, inputs, ctx), inputs, ctx)
+  def embed(self, params: Params, tokens: Tokens, ctx: Context) -> jax.Array:
+    """tokens (ids [B, T], or a dict with "inputs" and "segments") -> h [B, T, D]."""
+    tokens = as_tokens(tokens)
+    return self.embed_rows(params, self.lookup(params, tokens["inputs"], ctx), tokens, ctx)
 
-  def embed_rows(self, params: Params, rows: jax.Array, inputs: jax.Array,
+  def embed_rows(self, params: Params, rows: jax.Array, tokens: Tokens,
                  ctx: Context) -> jax.Array:
     """Looked-up item rows [B, T, D] -> h: scale, positions, dropout. Split from the
     lookup so a pipeline can back-propagate to the rows and scatter-add their
@@ -158,7 +161,9 @@ class RecommenderFns:
     if self.cfg.embed_scale:
       h = h * jnp.asarray(self.cfg.d_model ** 0.5, h.dtype)
     if "pos" in params:
-      h = h + params["pos"][-inputs.shape[1]:].astype(h.dtype)[None]
+      _, positions = attention_mask(tokens)
+      pos = params["pos"]
+      h = h + jnp.take(pos, positions + (pos.shape[0] - positions.shape[1]), axis=0).astype(h.dtype)
     return dropout(h, ctx, 0)
 
   def scatter_item_grads(self, table_grad: jax.Array, inputs: jax.Array, d_rows: jax.Array,
@@ -171,21 +176,22 @@ class RecommenderFns:
     rows = jnp.where(inside, local, table_grad.shape[0])
     return table_grad.at[rows].add(d_rows.astype(table_grad.dtype), mode="drop")
 
-  def layer(self, layer_params: Params, h: jax.Array, inputs: jax.Array, ctx: Context,
+  def layer(self, layer_params: Params, h: jax.Array, tokens: Tokens, ctx: Context,
             layer_id: jax.Array | int) -> jax.Array:
-    """One transformer block on h; `inputs` give the padding mask and positions."""
+    """One transformer block on h; `tokens` give the (segment-)causal mask and positions."""
     block = nnx.merge(self._graphdefs["layers"], layer_params)
-    mask, positions = attention_mask(inputs)
+    mask, positions = attention_mask(tokens)
     return block(h, mask, positions, ctx, layer_id)
 
-  def layers(self, layers_params: Params, h: jax.Array, inputs: jax.Array, ctx: Context,
+  def layers(self, layers_params: Params, h: jax.Array, tokens: Tokens, ctx: Context,
              layer_ids: jax.Array, active: jax.Array | None = None) -> jax.Array:
     """Scans stacked blocks over h. `active[i]` False skips slot i (pipeline padding)."""
     # The carry varies over whatever the stacked params vary over (e.g. `pipe`),
     # except the tensor axis, which each block reduces over.
     h = make_varying(h, tree_varying_axes(layers_params) - {ctx.tensor_axis})
 
-    layer = remat(lambda p, h, lid: self.layer(p, h, inputs, ctx, lid), self.cfg.remat)
+    tokens = as_tokens(tokens)
+    layer = remat(lambda p, h, lid: self.layer(p, h, tokens, ctx, lid), self.cfg.remat)
 
     def body(h, xs):
       p, lid, on = xs
@@ -235,30 +241,30 @@ class RecommenderFns:
     return losses.Candidates(ids, jnp.concatenate(rows), log_q)
 
   def item_losses(self, params: Params, h: jax.Array, targets: jax.Array, ctx: Context,
-                  row_items: jax.Array | None = None, rows_of_tokens: jax.Array | None = None
-                  ) -> jax.Array:
+                  tokens: Tokens | None = None, order: jax.Array | None = None) -> jax.Array:
     """Per-token item loss [N] of final hidden states h [N, D] (real targets first:
-    see `losses.compact`); 0 where the target is padding."""
+    see `losses.compact`; `order` maps them back to the flat [B*T] positions of
+    `tokens`, whose items `loss.mask_history` masks); 0 where the target is padding."""
     if self.loss_cfg.type == "full":
       table = params["items"]["table"]
       return losses.full_softmax(h, targets, table, self.full_softmax_spec(table, ctx))
     target_rows = self.lookup(params, targets, ctx)
     cands = self.candidates(params, targets, target_rows, ctx)
     hits = None
-    if self.loss_cfg.mask_history and row_items is not None:
-      hits = losses.history_hits(row_items, rows_of_tokens, cands.ids)
+    if self.loss_cfg.mask_history and tokens is not None:
+      hits = losses.history_hits(tokens, order, cands.ids, self.cfg.num_items)
     return losses.sampled_softmax(h, targets, target_rows, cands, self.loss_cfg, hits)
 
   def head_loss(self, params: Params, h: jax.Array, targets: jax.Array, ctx: Context,
-                inputs: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                tokens: Tokens | None = None) -> tuple[jax.Array, jax.Array]:
     """(sum of the item loss over non-padding targets, their count) for h [B, T, D]."""
     h = self.final_hidden(params, h)
     hc, tc, order = _compacted(h, targets)
-    per_token = self.item_losses(params, hc, tc, ctx, inputs, order // targets.shape[1])
+    per_token = self.item_losses(params, hc, tc, ctx, as_tokens(tokens), order)
     return per_token.sum(), (targets > 0).sum().astype(jnp.float32)
 
   def head_forward(self, params: Params, y: jax.Array, targets: jax.Array, ctx: Context,
-                   scale: float | jax.Array, inputs: jax.Array | None = None):
+                   scale: float | jax.Array, tokens: Tokens | None = None):
     """The head in two phases, for the pipeline: this call gives (scale x loss sum,
     its cotangent w.r.t. the last layer's output y [B, T, D], the gradient of the
     small params (all but the item table), and `saved`); `head_table_grad(saved)`
@@ -274,13 +280,13 @@ class RecommenderFns:
           hc, tc, table, self.full_softmax_spec(table, ctx))
       saved["lse"] = lse
     else:
-      rows_of = order // targets.shape[1]
+      tokens = as_tokens(tokens)
       per_token, vjp_h = jax.vjp(
-          lambda hh: self.item_losses(params, hh, tc, ctx, inputs, rows_of), hc)
+          lambda hh: self.item_losses(params, hh, tc, ctx, tokens, order), hc)
       (d_hc,) = vjp_h(jnp.ones_like(per_token))
-      saved["rows_of"] = rows_of
-      if inputs is not None:
-        saved["inputs"] = inputs
+      saved["order"] = order
+      if tokens is not None:
+        saved["tokens"] = tokens
     loss = per_token.sum() * scale
     d_h = jnp.zeros(hc.shape, jnp.float32).at[order].set(d_hc.astype(jnp.float32) * scale)
     d_h = make_varying(d_h.reshape(h.shape).astype(h.dtype), varying_axes(h))
@@ -304,8 +310,8 @@ class RecommenderFns:
     def one(acc, mb):
       def total(tbl):
         p = {**params, "items": {**params["items"], "table": tbl}}
-        return self.item_losses(p, mb["h"], mb["targets"], ctx, mb.get("inputs"),
-                                mb["rows_of"]).sum() * scale
+        return self.item_losses(p, mb["h"], mb["targets"], ctx, mb.get("tokens"),
+                                mb["order"]).sum() * scale
       out, vjp_t = jax.vjp(total, table)
       (d_table,) = vjp_t(jnp.ones_like(out))
       return acc + d_table.astype(jnp.float32), None
@@ -314,32 +320,34 @@ class RecommenderFns:
     acc, _ = jax.lax.scan(one, zero, saved)
     return acc
 
-  def last_hidden(self, params: Params, inputs: jax.Array, ctx: Context) -> jax.Array:
-    """Final-normed hidden state at the last position (inputs are left-padded)."""
-    h = self.embed(params, inputs, ctx)
-    h = self.layers(params["layers"], h, inputs, ctx, jnp.arange(self.cfg.n_layers))
+  def last_hidden(self, params: Params, tokens: Tokens, ctx: Context) -> jax.Array:
+    """Final-normed hidden state at the last position (rows are left-padded)."""
+    h = self.embed(params, tokens, ctx)
+    h = self.layers(params["layers"], h, tokens, ctx, jnp.arange(self.cfg.n_layers))
     return self.final_hidden(params, h[:, -1])
 
   def rank(self, params: Params, h_last: jax.Array, target: jax.Array, exclude: jax.Array,
            ctx: Context) -> jax.Array:
-    return self.item_table(params).target_rank(h_last, target, exclude, ctx)
+    return self.item_table(params).target_rank(h_last, target, exclude, ctx,
+                                               normalize=self.loss_cfg.l2_norm)
 
   def top_k(self, params: Params, h_last: jax.Array, k: int, exclude: jax.Array,
             ctx: Context):
-    return self.item_table(params).top_k(h_last, k, exclude, ctx)
+    return self.item_table(params).top_k(h_last, k, exclude, ctx,
+                                         normalize=self.loss_cfg.l2_norm)
 
   # ------------------------------------------------------------ the reference
-  def loss(self, params: Params, inputs: jax.Array, targets: jax.Array,
+  def loss(self, params: Params, tokens: Tokens, targets: jax.Array,
            ctx: Context) -> tuple[jax.Array, jax.Array]:
-    """(CE sum, token count) over a batch: the single-device reference forward."""
-    h = self.embed(params, inputs, ctx)
-    h = self.layers(params["layers"], h, inputs, ctx, jnp.arange(self.cfg.n_layers))
-    return self.head_loss(params, h, targets, ctx, inputs)
+    """(loss sum, token count) over a batch: the whole forward on one device's rows."""
+    h = self.embed(params, tokens, ctx)
+    h = self.layers(params["layers"], h, tokens, ctx, jnp.arange(self.cfg.n_layers))
+    return self.head_loss(params, h, targets, ctx, tokens)
 
-  def logits(self, params: Params, inputs: jax.Array, ctx: Context) -> jax.Array:
+  def logits(self, params: Params, tokens: Tokens, ctx: Context) -> jax.Array:
     """Full logits [B, T, items] (single device only; for tests and small models)."""
-    h = self.embed(params, inputs, ctx)
-    h = self.final_hidden(params, self.layers(params["layers"], h, inputs, ctx,
+    h = self.embed(params, tokens, ctx)
+    h = self.final_hidden(params, self.layers(params["layers"], h, tokens, ctx,
                                               jnp.arange(self.cfg.n_layers)))
     flat = h.reshape(-1, h.shape[-1])
     return self.item_table(params).local_logits(flat, ctx).reshape(*h.shape[:2], -1)
@@ -368,15 +376,37 @@ def _compacted(h: jax.Array, targets: jax.Array):
   return flat_h[order], flat_t[order], order
 
 
-def attention_mask(inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Causal mask over non-padding keys [B, T, T], and per-token positions [B, T].
+def as_tokens(tokens: Tokens | None) -> dict[str, jax.Array] | None:
+  """A batch's per-token arrays as a dict: a bare id array [B, T] is one left-padded
+  sequence per row (one segment)."""
+  if tokens is None or isinstance(tokens, dict):
+    return tokens
+  return {"inputs": tokens}
 
-  Sequences are left-padded; a query at a padding position keeps its own key so
-  its (ignored) softmax stays finite.
+
+def segment_ids(tokens: Tokens) -> jax.Array:
+  """[B, T] segment of each position (0 = padding): "segments" when rows are packed,
+  else 1 for every real item."""
+  tokens = as_tokens(tokens)
+  if "segments" in tokens:
+    return tokens["segments"]
+  return (tokens["inputs"] > 0).astype(jnp.int32)
+
+
+def attention_mask(tokens: Tokens) -> tuple[jax.Array, jax.Array]:
+  """Causal mask within each segment [B, T, T], and per-token positions [B, T].
+
+  Positions count back from the segment's last item (which is at T - 1): a packed
+  segment gets the positions it would have alone in a left-padded row. A padding
+  query keeps its own key so its (ignored) attention stays finite.
   """
-  t = inputs.shape[1]
-  causal = jnp.tril(jnp.ones((t, t), bool))
-  valid = inputs > 0
-  mask = causal[None] & (valid[:, None, :] | jnp.eye(t, dtype=bool)[None])
-  positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+  seg = segment_ids(tokens)
+  t = seg.shape[1]
+  idx = jnp.arange(t)
+  causal = idx[None, :] <= idx[:, None]
+  same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+  mask = (causal[None] & same) | ((seg == 0)[:, :, None] & jnp.eye(t, dtype=bool)[None])
+  last = jnp.concatenate([seg[:, 1:] != seg[:, :-1], jnp.ones_like(seg[:, :1], bool)], 1)
+  end = jax.lax.cummin(jnp.where(last, idx[None], t), axis=1, reverse=True)
+  positions = jnp.where(seg > 0, (t - 1) - (end - idx[None]), 0)
   return mask, positions

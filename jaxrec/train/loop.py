@@ -265,6 +265,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
             f"({'step ' + str(last) if last is not None else 'none yet'}) in "
             f"{ckpt.directory} is intact; lower train.lr or check the data.")
 
+  selector = BestSelector(config, workdir, program)
+
+  def validate_and_select(step: int) -> dict[str, float]:
+    valid = evaluate_split(state, "valid")
+    metrics.write({"step": step, "split": "valid", **valid})
+    selector.consider(step, valid, state)
+    return valid
+
   def save(step: int) -> None:
     drain(0)
     if streak["bad"]:
@@ -294,7 +302,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
                      record["tokens_per_sec"], _eta(dt * (total - done)))
         last_log_time, last_log_step, tokens_since = now, done, 0.0
       if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
-        metrics.write({"step": done, "split": "valid", **evaluate_split(state, "valid")})
+        drain(0)
+        validate_and_select(done)
       if config.train.checkpoint_every and done % config.train.checkpoint_every == 0:
         save(done)
       every = config.pipeline.rebalance_every
@@ -316,17 +325,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
   if ckpt.latest_step() != total:
     save(total)
-  valid = evaluate_split(state, "valid")
+  valid = validate_and_select(total)
   test = evaluate_split(state, "test")
-  metrics.write({"step": total, "split": "valid", **valid})
   metrics.write({"step": total, "split": "test", **test})
   ckpt.close()
+  final = {"step": total, "valid": valid, "test": test}
+  selected = None
+  if selector.enabled:
+    best_step, best_state = selector.best(state, program)
+    if best_step != total:
+      valid, test = evaluate_split(best_state, "valid"), evaluate_split(best_state, "test")
+      metrics.write({"step": best_step, "split": "test", "selected": True, **test})
+    selected = {"on": f"valid {config.train.select_on}", "step": best_step}
+    selector.close()
   baseline = None
   if config.eval.baseline == "most_popular" and jax.process_index() == 0:
     baseline = popularity_metrics(item_popularity(dataset.sequences), dataset.test,
                                   config.eval.exclude_history, dataset.num_items)
   summary = {
-      "test": test, "valid": valid, "baseline_most_popular_test": baseline,
+      "test": test, "valid": valid, "selected": selected, "final": final,
+      "baseline_most_popular_test": baseline,
       "protocol": protocol(config.eval.exclude_history),
       "wall_time_s": time.perf_counter() - wall_start,
       "steps": total, "resumed_from_step": start_step if start_step else None,
@@ -343,6 +361,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     logging.info("most-popular baseline: HR@10 %.4f NDCG@10 %.4f", baseline["hr@10"],
                  baseline["ndcg@10"])
   return summary
+
+
+class BestSelector:
+  """Keeps the state of the best validation evaluation (`train.select_on`) in
+  workdir/best, so the reported test metrics are those of the selected step (early
+  stopping on validation, as the published tables are made). Survives a resume: the
+  best value so far is read back from the saved meta."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: Path, program: TrainProgram):
+    self.metric = config.train.select_on
+    self.enabled = bool(self.metric)
+    self.program = program
+    self.value, self.step = -np.inf, None
+    if self.enabled:
+      self.ckpt = Checkpointer(workdir / "best", keep=1, async_save=False)
+      last = self.ckpt.latest_step()
+      if last is not None:
+        meta = self.ckpt.read_meta(last)
+        self.value, self.step = float(meta["selected_value"]), last
+
+  def consider(self, step: int, valid: dict[str, float], state) -> None:
+    if not self.enabled or valid[self.metric] <= self.value:
+      return
+    self.value, self.step = valid[self.metric], step
+    self.ckpt.save(step, state, {**checkpoint_meta(self.program, step),
+                                 "selected_on": self.metric, "selected_value": self.value})
+    logging.info("new best valid %s %.4f at step %d", self.metric, self.value, step)
+
+  def best(self, current, program: TrainProgram):
+    """(step, state) of the best evaluation (restored onto `program`'s layout)."""
+    if self.step is None:
+      return None, current
+    return self.step, restore(self.ckpt, self.step, program)
+
+  def close(self) -> None:
+    self.ckpt.close()
 
 
 def _evaluator(config, program: TrainProgram, mesh, dataset: Dataset):

@@ -180,22 +180,22 @@ class TrainProgram:
   def _local_loss_and_grads(self, state: TrainState, batch: Batch):
     """Mean token loss of the global batch and this device's unreduced gradient."""
     lay = self.layout
-    inputs, targets = batch["inputs"], batch["targets"]
-    tokens = psum((targets > 0).sum().astype(jnp.float32), lay.data_axes)
-    row_keys = self._row_keys(state, inputs.shape[0])
+    inputs, targets = token_arrays(batch), batch["targets"]
+    n_targets = psum((targets > 0).sum().astype(jnp.float32), lay.data_axes)
+    row_keys = self._row_keys(state, targets.shape[0])
     # Gradients are taken w.r.t. fp32 copies of the params (the model casts them to
     # its storage and compute dtypes), so they accumulate and travel in fp32.
     params = _floats_as(self.dp.working_params(state.params, state.dp_state), jnp.float32)
     params = make_varying(params, lay.grad_axes)
     negatives = loss_key(state.rng, state.step)
     if lay.pipe_axis:
-      loss, grads = self._pipeline_grads(params, inputs, targets, row_keys, tokens, negatives)
+      loss, grads = self._pipeline_grads(params, inputs, targets, row_keys, n_targets, negatives)
     else:
-      loss, grads = self._local_grads(params, inputs, targets, row_keys, tokens, negatives)
+      loss, grads = self._local_grads(params, inputs, targets, row_keys, n_targets, negatives)
     loss = psum(loss, lay.grad_axes)
     if lay.pipe_axis:
       grads = sum_over_stages(grads, lay.param_specs, lay.pipe_axis)
-    return loss, grads, tokens
+    return loss, grads, n_targets
 
   def loss_and_grads(self, state: TrainState, batch: Batch):
     """(loss, gradients summed over the data axes, uncompressed): what tests compare."""
@@ -237,14 +237,14 @@ class TrainProgram:
                             dropout_rate=None if keys is not None else 0.0,
                             loss_key=negatives, batch_axes=self.layout.data_axes)
 
-  def _local_grads(self, params, inputs, targets, row_keys, tokens, negatives):
+  def _local_grads(self, params, inputs, targets, row_keys, n_targets, negatives):
     """Sum over microbatches of d(loss sum / tokens)/d params, on this device's rows."""
     storage = self.fns.cfg.storage_dtype
 
     def loss_fn(p, inp, tgt, keys):
       total, _ = self.fns.loss(_floats_as(p, storage), inp, tgt,
                                self._ctx(keys, negatives=negatives))
-      return total / tokens
+      return total / n_targets
 
     grad_fn = jax.value_and_grad(loss_fn)
     m = self.layout.microbatches
@@ -252,7 +252,7 @@ class TrainProgram:
       return grad_fn(params, inputs, targets, row_keys)
 
     def split(x):
-      return None if x is None else x.reshape(m, x.shape[0] // m, *x.shape[1:])
+      return jax.tree.map(lambda a: a.reshape(m, a.shape[0] // m, *a.shape[1:]), x)
 
     def body(acc, mb):
       loss, grads = grad_fn(params, *mb)
@@ -277,34 +277,35 @@ class TrainProgram:
   def _pieces(self, head) -> pipeline.StagePieces:
     fns = self.fns
 
-    def embed_vjp(shared, ids, keys, d_x):
-      rows = fns.lookup(shared, ids, self._ctx())
+    def embed_vjp(shared, tokens, keys, d_x):
+      rows = fns.lookup(shared, tokens["inputs"], self._ctx())
       small = _small(shared)
-      _, vjp = jax.vjp(lambda s, r: fns.embed_rows({**shared, **s}, r, ids, self._ctx(keys)),
+      _, vjp = jax.vjp(lambda s, r: fns.embed_rows({**shared, **s}, r, tokens, self._ctx(keys)),
                        small, rows)
       return vjp(d_x)
 
     def stage(params, x, aux):
-      ids, layer_ids, active, keys = aux
-      return fns.layers(params, x, ids, self._ctx(keys), layer_ids, active)
+      tokens, layer_ids, active, keys = aux
+      return fns.layers(params, x, tokens, self._ctx(keys), layer_ids, active)
 
     if self.config.pipeline.remat == "full":
       stage = jax.checkpoint(stage, policy=jax.checkpoint_policies.nothing_saveable)
     return pipeline.StagePieces(
-        embed=lambda shared, ids, keys: fns.embed(shared, ids, self._ctx(keys)),
+        embed=lambda shared, tokens, keys: fns.embed(shared, tokens, self._ctx(keys)),
         embed_vjp=embed_vjp, stage=stage, head=head, small=_small)
 
-  def _pipeline_grads(self, params, inputs, targets, row_keys, tokens, negatives):
+  def _pipeline_grads(self, params, inputs, targets, row_keys, n_targets, negatives):
     lay = self.layout
     m = lay.microbatches
     fns = self.fns
     head_ctx = self._ctx(axis="head", negatives=negatives)
     mb_targets = pipeline.microbatch(targets, m)
-    mb_inputs = pipeline.microbatch(inputs, m)
+    mb_tokens = {k: pipeline.microbatch(v, m) for k, v in inputs.items()}
 
     def head(shared, y, i):
       view = self._head_view(shared)
-      return fns.head_forward(view, y, mb_targets[i], head_ctx, 1.0 / tokens, mb_inputs[i])
+      return fns.head_forward(view, y, mb_targets[i], head_ctx, 1.0 / n_targets,
+                              {k: v[i] for k, v in mb_tokens.items()})
 
     # Stage params enter the executor in the compute dtype, cast once per step: a
     # cast inside the stage would be a VJP residual stored per microbatch slot.
@@ -314,18 +315,19 @@ class TrainProgram:
     keys = None if row_keys is None else pipeline.microbatch(jax.random.key_data(row_keys), m)
     result = pipeline.run(
         lay.schedule, lay.stages, self._pieces(head), stage_params, shared,
-        {"inputs": mb_inputs}, keys, vary_axes=lay.data_axes,
+        mb_tokens, keys, vary_axes=lay.data_axes,
         head_spread=lay.head_spread)
     # The item table's gradient, once per step: the looked-up rows (stage 0) scattered
     # into this shard, plus the head's (the last stage's, or every stage's slice).
     table = shared["items"]["table"]
-    d_rows = result.d_rows.reshape(inputs.shape + result.d_rows.shape[-1:])
-    g_table = fns.scatter_item_grads(jnp.zeros(table.shape, jnp.float32), inputs, d_rows,
+    ids = inputs["inputs"]
+    d_rows = result.d_rows.reshape(ids.shape + result.d_rows.shape[-1:])
+    g_table = fns.scatter_item_grads(jnp.zeros(table.shape, jnp.float32), ids, d_rows,
                                      self._ctx())
     view = self._head_view(shared)
 
     def head_grads():
-      return make_varying(fns.head_table_grad(view, result.saved, head_ctx, 1.0 / tokens),
+      return make_varying(fns.head_table_grad(view, result.saved, head_ctx, 1.0 / n_targets),
                           varying_axes(g_table))
 
     if lay.head_spread:
@@ -380,6 +382,11 @@ class TrainProgram:
 
   def batch_sharding(self, ndim: int) -> NamedSharding:
     return NamedSharding(self.mesh, batch_spec(ndim, self.shape))
+
+
+def token_arrays(batch: Batch) -> dict[str, jax.Array]:
+  """The batch's per-token model inputs: item ids, and segment ids for packed rows."""
+  return {k: batch[k] for k in ("inputs", "segments") if k in batch}
 
 
 def _floats_as(tree: Any, dtype) -> Any:

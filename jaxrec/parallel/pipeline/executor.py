@@ -56,10 +56,11 @@ from jaxrec.parallel.vma import make_varying, varying_axes
 class StagePieces:
   """The model as the pipeline sees it: pure functions over this device's shards.
 
-  embed(shared, inputs_i, keys_i) -> x [mb, T, D]: stage 0's input.
-  embed_vjp(shared, inputs_i, keys_i, d_x) -> (d_small, d_rows): the embedding's
+  embed(shared, tokens_i, keys_i) -> x [mb, T, D]: stage 0's input (tokens_i: the
+      microbatch's per-token arrays, "inputs" and e.g. "segments").
+  embed_vjp(shared, tokens_i, keys_i, d_x) -> (d_small, d_rows): the embedding's
       gradient w.r.t. the small shared params and the looked-up item rows.
-  stage(params, x, aux) -> y; aux = (inputs_i, layer_ids [Lmax], active [Lmax] or
+  stage(params, x, aux) -> y; aux = (tokens_i, layer_ids [Lmax], active [Lmax] or
       None, keys_i): one chunk of stacked layers. Wrapped by the caller in the
       `jax.checkpoint` policy that decides what its backward keeps.
   head(shared, y, i) -> (loss, d_y, d_small, saved) while training: the item head
@@ -91,8 +92,8 @@ def run(schedule: Schedule, stages: StageLayout, pieces: StagePieces, stage_para
         head_spread: bool = False) -> PipelineResult:
   """Executes `schedule` on this device (inside shard_map).
 
-  microbatches: [M, mb, ...] arrays; "inputs" (token ids) drive the embedding and
-  the stages, and the head receives the microbatch index.
+  microbatches: [M, mb, T] per-token arrays ("inputs", optionally "segments", ...)
+  that drive the embedding and the stages; the head receives the microbatch index.
   keys: raw dropout key data [M, mb, 2] or None.
   vary_axes: mesh axes every buffer varies over besides `axis` (the data axes).
   head_spread: the item head of each microbatch runs on every stage (each scoring
@@ -107,8 +108,10 @@ def run(schedule: Schedule, stages: StageLayout, pieces: StagePieces, stage_para
   m = schedule.microbatches
   lmax = stages.slots_per_chunk
   vary = (axis, *vary_axes)
-  ids = microbatches["inputs"]
   layer_ids, active = (jnp.asarray(a)[me] for a in stages.device_tables())
+
+  def tokens(i):
+    return {k: v[i] for k, v in microbatches.items()}
 
   def key(i):
     return None if keys is None else keys[i]
@@ -117,12 +120,12 @@ def run(schedule: Schedule, stages: StageLayout, pieces: StagePieces, stage_para
     return jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, v * lmax, lmax, 0), tree)
 
   def aux_for(i, v):
-    return (ids[i], layer_ids[v], active[v] if stages.padded else None, key(i))
+    return (tokens(i), layer_ids[v], active[v] if stages.padded else None, key(i))
 
   def zeros(shape_tree):
     return make_varying(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape_tree), vary)
 
-  x_shape = jax.eval_shape(pieces.embed, shared, ids[0], key(0))
+  x_shape = jax.eval_shape(pieces.embed, shared, tokens(0), key(0))
   x_zero = zeros(x_shape)
   ct_zero = x_zero.astype(jnp.float32)
   small = pieces.small(shared)
@@ -174,7 +177,7 @@ def run(schedule: Schedule, stages: StageLayout, pieces: StagePieces, stage_para
     params = chunk(stage_params, v)
     aux = aux_for(i, v)
     if code in (F_FIRST, F_MID, F_LAST):
-      x = pieces.embed(shared, ids[i], key(i)) if code == F_FIRST else reads["x"]
+      x = pieces.embed(shared, tokens(i), key(i)) if code == F_FIRST else reads["x"]
       result["x"] = x
       if training:
         y, vjp_fn = jax.vjp(pieces.stage, params, x, aux)
@@ -195,7 +198,7 @@ def run(schedule: Schedule, stages: StageLayout, pieces: StagePieces, stage_para
     d_params, d_x, _ = vjp_fn(reads["ct"].astype(x_zero.dtype))
     result["d_chunk"] = d_params
     if code == B_FIRST:
-      result["d_small"], result["d_rows"] = pieces.embed_vjp(shared, ids[i], key(i), d_x)
+      result["d_small"], result["d_rows"] = pieces.embed_vjp(shared, tokens(i), key(i), d_x)
     else:
       result["send_b"] = d_x
     return _match(result, template())
