@@ -12,6 +12,7 @@ import ml_collections
 from jaxrec.mesh import MeshShape
 
 DATA_FORMATS = ("auto", "movielens_csv", "movielens_dat", "sasrec")
+PACKINGS = ("none", "greedy")
 POSITIONS = ("learned", "rope", "none")
 MLPS = ("gelu", "relu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
@@ -30,6 +31,7 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "save_attention_out")
 # A pipeline stage as a whole: "none" (the layers' own policy decides) or "full"
 # (keep only the stage input between its forward and backward ticks).
 PIPELINE_REMAT = ("none", "full")
+ATTENTIONS = ("xla", "cudnn")
 LOSS_TYPES = ("full", "sampled")
 NEGATIVES = ("uniform", "in_batch", "mixed")
 BALANCE_COSTS = ("device", "timed", "h100", "tpu_v5p", "local")
@@ -54,6 +56,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.max_len = 50         # positions per training / evaluation sequence
   c.data.window_stride = 0    # >0: extra training windows every `stride` items back
   c.data.shuffle_seed = 0
+  c.data.packing = "none"     # "greedy": several users' sequences per row (segment ids)
+  c.data.prefetch = 2         # host batches prepared ahead on a background thread
 
   c.model = ml_collections.ConfigDict()
   c.model.d_model = 64
@@ -69,6 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"        # compute dtype (matmuls, activations)
   c.model.param_dtype = "float32"  # storage dtype of the params (bf16 halves them)
   c.model.remat = "none"           # layer-scan rematerialisation policy (REMAT_POLICIES)
+  c.model.attention = "xla"        # jax.nn.dot_product_attention: "xla", or "cudnn" on GPU
   c.model.init_std = 0.02
 
   c.train = ml_collections.ConfigDict()
@@ -100,7 +105,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.item_tile = 0          # items per tile of the full softmax; 0 = auto (4 MiB blocks)
   c.loss.token_chunk = 1024     # real targets scored per chunk (padding chunks are skipped)
   c.loss.negatives = "uniform"  # sampled: uniform | in_batch | mixed
-  c.loss.num_negatives = 128    # sampled: uniform negatives per step (HSTU's ML-1M: 128)
+  c.loss.num_negatives = 128    # sampled: uniform negatives per token (HSTU's ML-1M: 128)
+  c.loss.shared_negatives = False  # True: one set of uniform negatives for the whole step
   c.loss.in_batch_global = True  # in-batch negatives gathered over the data axes
   c.loss.logq_correction = True  # subtract log(expected count) of each candidate
   c.loss.mask_history = False   # also mask negatives that are in the row's own items
@@ -154,6 +160,7 @@ def default_config() -> ml_collections.ConfigDict:
 def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
   """Raises ConfigError naming the field, its value and what would be valid."""
   _choice(c, "data.format", DATA_FORMATS)
+  _choice(c, "data.packing", PACKINGS)
   _choice(c, "model.positions", POSITIONS)
   _choice(c, "model.mlp", MLPS)
   _choice(c, "model.norm", NORMS)
@@ -165,6 +172,7 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
   _choice(c, "pipeline.head", HEADS)
   _choice(c, "model.param_dtype", DTYPES)
   _choice(c, "model.remat", REMAT_POLICIES)
+  _choice(c, "model.attention", ATTENTIONS)
   _choice(c, "pipeline.remat", PIPELINE_REMAT)
   _choice(c, "pipeline.balance_costs", BALANCE_COSTS)
   _choice(c, "train.opt_state_dtype", DTYPES)
@@ -256,7 +264,7 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
       raise ConfigError("config.train.select_on needs config.train.eval_every > 0 (the "
                         "validation evaluations it selects from)")
   for field in ("train.log_every", "train.eval_every", "train.checkpoint_every",
-                "train.preemption_check_every"):
+                "train.preemption_check_every", "data.prefetch"):
     if _get(c, field) < 0:
       raise ConfigError(f"config.{field} = {_get(c, field)} must be >= 0")
 

@@ -197,3 +197,19 @@ def test_a_plan_runs_with_its_own_overrides():
   counts = tuple(int(n) for n in piped.overrides["pipeline.layers_per_stage"].split(","))
   assert tuple(prog.layout.stages.layers_per_stage) == counts
   assert prog.layout.head_spread == (piped.overrides["pipeline.head"] == "spread")
+
+
+def test_gemm_custom_calls_count_as_matmul_flops():
+  """On GPU XLA lowers dots to cuBLAS custom calls; their FLOPs count like dots."""
+  from jaxrec.perf import hlo
+  text = """HloModule m
+
+ENTRY %main (p0: f32[64,128], p1: f32[128,32]) -> f32[64,32] {
+  %p0 = f32[64,128]{1,0} parameter(0)
+  %p1 = f32[128,32]{1,0} parameter(1)
+  %gemm = (f32[64,32]{1,0}, s8[1024]{0}) custom-call(%p0, %p1), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  %dot = f32[64,32]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %out = f32[64,32]{1,0} get-tuple-element(%gemm), index=0
+}
+"""
+  assert hlo.dot_flops(text) == 2 * (2.0 * 64 * 32 * 128)

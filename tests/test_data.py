@@ -107,10 +107,12 @@ def test_leave_one_out_split_and_windows(tmp_path):
   lines += "2 1\n2 2\n"                              # user too short to evaluate
   seqs = build_sequences(read_sasrec(write(tmp_path, "s.txt", lines)))
   ex = train_examples(seqs, max_len=4)
+  rows = ex.padded(np.arange(len(ex)))
   # user 1: training prefix is items 1..10 -> last window inputs 6..9, targets 7..10
-  assert ex.inputs.tolist()[0] == [6, 7, 8, 9] and ex.targets.tolist()[0] == [7, 8, 9, 10]
+  assert rows["inputs"].tolist()[0] == [6, 7, 8, 9] and rows["targets"].tolist()[0] == [7, 8, 9, 10]
   # user 2 (2 items, no eval) trains on its whole sequence, left padded
-  assert ex.inputs.tolist()[1] == [0, 0, 0, 1] and ex.targets.tolist()[1] == [0, 0, 0, 2]
+  assert rows["inputs"].tolist()[1] == [0, 0, 0, 1] and rows["targets"].tolist()[1] == [0, 0, 0, 2]
+  assert ex.lengths.tolist() == [4, 1]
   valid = eval_examples(seqs, "valid", max_len=4)
   test = eval_examples(seqs, "test", max_len=4)
   assert valid.target.tolist() == [11] and test.target.tolist() == [12]
@@ -118,7 +120,8 @@ def test_leave_one_out_split_and_windows(tmp_path):
   assert valid.history_of(0).tolist() == list(range(1, 11))
   assert test.history_of(0).tolist() == list(range(1, 12))
   windows = train_examples(seqs, max_len=4, window_stride=4)
-  covered = set(windows.targets[windows.targets > 0].tolist())
+  targets = windows.padded(np.arange(len(windows)))["targets"]
+  covered = set(targets[targets > 0].tolist())
   assert covered == set(range(2, 11))  # every training target of both users appears
 
 
@@ -174,5 +177,68 @@ def test_eval_batches_pad_and_exclude(tmp_path):
 
 def test_embedded_dataset_loads():
   ds = load_dataset(tiny_config().data)
-  assert ds.num_items == 9724 and ds.sequences.num_users == 610
+  assert ds.num_items == 9724 and ds.description.startswith("610 users")
   assert len(ds.valid) == len(ds.test) == 610
+
+
+def synthetic_log(path, users=120, items=60, seed=0):
+  rng = np.random.default_rng(seed)
+  lines = []
+  for u in range(1, users + 1):
+    for i in rng.integers(1, items + 1, int(rng.integers(3, 30))):
+      lines.append(f"{u} {i}\n")
+  path.write_text("".join(lines))
+  return path
+
+
+def test_prepared_shards_give_the_same_windows_and_batches(tmp_path):
+  """A dataset written to many ArrayRecord shards reads back the windows, evaluation
+  rows and popularity of the in-memory path, and the stream's batches match."""
+  import subprocess
+  import sys
+  src = synthetic_log(tmp_path / "log.txt")
+  out = tmp_path / "prepared"
+  result = subprocess.run([sys.executable, "-m", "experiments.prepare_data",
+                           f"--input={src}", f"--output={out}", "--max_len=8", "--shards=7"],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert len(list(out.glob("train-*-of-00007.array_record"))) == 7
+  config = tiny_config(**{"data.path": str(src), "data.max_len": 8})
+  memory = load_dataset(config.data)
+  config.data.path = str(out)
+  stored = load_dataset(config.data)
+  assert len(stored.train) == len(memory.train) and stored.num_items == memory.num_items
+  assert all(np.array_equal(stored.train.example(i), memory.train.example(i))
+             for i in range(len(memory.train)))
+  assert np.array_equal(stored.test.target, memory.test.target)
+  assert np.array_equal(stored.popularity, memory.popularity)
+  for packing in ("none", "greedy"):
+    a = TrainStream(memory.train, 16, 3, packing).host_batch(5, slice(4, 12))
+    b = TrainStream(stored.train, 16, 3, packing).host_batch(5, slice(4, 12))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_prepared_data_errors_name_the_bad_part(tmp_path):
+  from jaxrec.data import store
+  config = tiny_config(**{"data.path": str(synthetic_log(tmp_path / "log.txt")),
+                          "data.max_len": 8})
+  data = load_dataset(config.data)
+  args = (data.train, data.valid, data.test, data.num_items, data.popularity, "d", "s")
+  with pytest.raises(ValueError, match="would leave shards empty"):
+    store.write(tmp_path / "x", *args, shards=len(data.train) + 1)
+  store.write(tmp_path / "ok", *args, shards=3)
+  config.data.path = str(tmp_path / "ok")
+  config.data.max_len = 9
+  with pytest.raises(DataFormatError, match="prepared with max_len 8"):
+    load_dataset(config.data)
+  config.data.max_len = 8
+  (tmp_path / "ok" / "train-00001-of-00003.array_record").write_bytes(b"")
+  with pytest.raises(DataFormatError, match="shard train-00001-of-00003.array_record is empty"):
+    load_dataset(config.data)
+  store.write(tmp_path / "bad", *args, shards=2)
+  test = dict(np.load(tmp_path / "bad" / "test.npz"))
+  test["target"][0] = data.num_items + 5
+  np.savez(tmp_path / "bad" / "test.npz", **test)
+  config.data.path = str(tmp_path / "bad")
+  with pytest.raises(DataFormatError, match=f"item id {data.num_items + 5} is out of range"):
+    load_dataset(config.data)

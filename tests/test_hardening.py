@@ -12,7 +12,7 @@ from jax.experimental import mesh_utils, multihost_utils
 
 from experiments.configs import quickstart
 from jaxrec import mesh as mesh_lib
-from jaxrec.data import item_popularity, load_dataset
+from jaxrec.data import load_dataset
 from jaxrec.eval.metrics import brute_force_ranks, metrics_from_ranks, popularity_metrics
 from jaxrec.mesh import MeshShape, MeshSpecError, build_mesh
 from jaxrec.train import checkpoint as ckpt_lib
@@ -104,7 +104,7 @@ def test_preemption_is_shared_every_n_steps_and_by_jax_s_sync_point(monkeypatch)
 @pytest.mark.parametrize("exclude", [True, False])
 def test_vectorised_popularity_baseline_equals_the_brute_force(exclude):
   data = load_dataset(quickstart.get_config().data)
-  pop = item_popularity(data.sequences)
+  pop = data.popularity
   examples = data.test
   scores = np.broadcast_to(pop[None].astype(np.float64), (len(examples), pop.shape[0]))
   hist = [examples.history_of(r) for r in range(len(examples))] if exclude else None

@@ -16,7 +16,7 @@ from jaxrec.perf.comm import abstract_batch
 from jaxrec.train import reference
 from jaxrec.train.step import TrainProgram
 from tests.helpers import (RTOL, global_batch, max_rel_diff, program, synthetic_batch,
-                           tiny_config)
+                           tiny_config, tiny_fns)
 
 
 def naive_ce(h, table, targets, num_items):
@@ -96,6 +96,13 @@ def in_batch_numpy(h, targets, cand_ids, cand_rows, target_rows):
   return total
 
 
+def sampled(h, targets, rows, cfg, shared=None, log_q=None, hits=None, draw=None):
+  n = targets.shape[0]
+  negatives = losses.Negatives(shared=shared, draw=draw, log_q=log_q, hits=hits)
+  return losses.sampled_softmax(h, targets, rows, jnp.zeros((n, 2), jnp.uint32),
+                                jnp.arange(n), negatives, cfg)
+
+
 def test_logq_corrected_in_batch_loss_matches_numpy():
   rng = np.random.default_rng(1)
   n, d, items = 24, 6, 10
@@ -105,42 +112,36 @@ def test_logq_corrected_in_batch_loss_matches_numpy():
   h = rng.normal(size=(n, d)).astype(np.float32)
   cfg = losses.LossConfig(type="sampled", negatives="in_batch", token_chunk=7)
   ids = jnp.asarray(targets)
-  cands = losses.Candidates(ids, jnp.asarray(table)[ids],
-                            losses.expected_counts(ids, 0, items, n))
-  got = losses.sampled_softmax(jnp.asarray(h), ids, jnp.asarray(table)[ids], cands, cfg).sum()
+  rows = jnp.asarray(table)[ids]
+  got = sampled(jnp.asarray(h), ids, rows, cfg, shared=losses.Candidates(ids, rows),
+                log_q=losses.in_batch_log_q(ids, 0, items)).sum()
   want = in_batch_numpy(h.astype(np.float64), targets, targets, table[targets].astype(np.float64),
                         table[targets].astype(np.float64))
   assert float(got) == pytest.approx(want, rel=1e-5)
 
 
 def test_accidental_hits_never_contribute():
-  """A candidate equal to the token's target (or, with mask_history, in its row)
-  changes neither the loss nor its gradient, whatever its row holds."""
+  """A candidate equal to the token's target (or, with history masking, in its own
+  sequence) changes neither the loss nor its gradient, whatever its row holds."""
   rng = np.random.default_rng(2)
   h = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
   targets = jnp.asarray([3, 3, 4, 1])
   rows = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)
   cfg = losses.LossConfig(type="sampled", logq_correction=False)
-
-  def loss(cand_rows, ids, hits=None):
-    c = losses.Candidates(ids, cand_rows, jnp.zeros(ids.shape))
-    return losses.sampled_softmax(h, targets, rows, c, cfg, hits).sum()
-
   ids = jnp.asarray([7, 3, 9])          # candidate 1 hits the target of tokens 0 and 1
+
+  def per_token(cand_rows, hits=None):
+    return sampled(h, targets, rows, cfg, shared=losses.Candidates(ids, cand_rows), hits=hits)
+
   base = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
   moved = base.at[1].set(100.0)
-  keep = jnp.asarray([0, 2])
-  only = loss(base[keep], ids[keep])
-  # tokens 0, 1 never see candidate 1; tokens 2, 3 do: compare per token
-  per_token = lambda r: losses.sampled_softmax(  # noqa: E731
-      h, targets, rows, losses.Candidates(ids, r, jnp.zeros(3)), cfg)
   np.testing.assert_allclose(per_token(base)[:2], per_token(moved)[:2], rtol=1e-6)
-  assert float(jnp.abs(jax.grad(loss)(base, ids)[1]).sum()) > 0   # tokens 2, 3 use it
-  assert float(only) != float(loss(base, ids))
+  assert not np.allclose(per_token(base)[2:], per_token(moved)[2:])   # tokens 2, 3 use it
   # history hits: masking candidate 1 for every token makes it irrelevant everywhere
-  hits = jnp.zeros((4, 3), bool).at[:, 1].set(True)
-  assert float(loss(base, ids, hits)) == pytest.approx(float(loss(moved, ids, hits)), rel=1e-6)
-  np.testing.assert_allclose(np.asarray(jax.grad(loss)(base, ids, hits))[1], 0.0)
+  every = lambda pos, cand: jnp.broadcast_to(cand[None] == 3, (pos.shape[0], 3))  # noqa: E731
+  np.testing.assert_allclose(per_token(base, every), per_token(moved, every), rtol=1e-6)
+  grad = jax.grad(lambda r: per_token(r, every).sum())(base)
+  np.testing.assert_allclose(np.asarray(grad)[1], 0.0)
 
 
 def test_sampled_softmax_over_every_item_is_the_full_softmax():
@@ -152,14 +153,29 @@ def test_sampled_softmax_over_every_item_is_the_full_softmax():
   all_items = jnp.arange(1, items + 1)
   cfg = losses.LossConfig(type="sampled", logq_correction=False, token_chunk=8)
 
-  def sampled(h, table):
-    c = losses.Candidates(all_items, table[all_items], jnp.zeros(items))
-    return losses.sampled_softmax(h, t, table[t], c, cfg).sum()
+  def loss(h, table):
+    return sampled(h, t, table[t], cfg,
+                   shared=losses.Candidates(all_items, table[all_items])).sum()
 
   want = jax.value_and_grad(lambda h, w: naive_ce(h, w, t, items), (0, 1))(h, table)
-  got = jax.value_and_grad(sampled, (0, 1))(h, table)
+  got = jax.value_and_grad(loss, (0, 1))(h, table)
   assert float(got[0]) == pytest.approx(float(want[0]), rel=1e-6)
   assert max_rel_diff(got[1], want[1]) < RTOL
+
+
+def test_per_token_negatives_differ_per_token_and_are_reproducible():
+  """HSTU's recipe: K uniform negatives per token, drawn from the token's own key."""
+  config = tiny_config(**{"loss.type": "sampled", "loss.num_negatives": 16})
+  fns = tiny_fns(config)
+  params = fns.init(jax.random.key(0))
+  ctx = fns.context(dropout_rate=0.0, loss_key=jax.random.key(5))
+  targets = jnp.asarray([3, 4, 5, 6])
+  negs = fns.negatives(params, targets, fns.lookup(params, targets, ctx), ctx, None)
+  keys = fns.token_keys(ctx, None, jnp.arange(4), 4)
+  ids, rows = negs.draw(keys)
+  assert ids.shape == (4, 16) and rows.shape == (4, 16, config.model.d_model)
+  assert not np.array_equal(np.asarray(ids[0]), np.asarray(ids[1]))
+  np.testing.assert_array_equal(ids, negs.draw(fns.token_keys(ctx, None, jnp.arange(4), 4))[0])
 
 
 def check_program(config, spec, devices=8):
@@ -181,7 +197,8 @@ SAMPLED = {"loss.type": "sampled", "loss.num_negatives": 64, "loss.token_chunk":
 
 
 @pytest.mark.parametrize("spec, overrides", [
-    ("data:8", {**SAMPLED}),                                       # same negatives everywhere
+    ("data:8", {**SAMPLED}),                         # per-token negatives: same on every mesh
+    ("data:4,tensor:2", {**SAMPLED, "loss.shared_negatives": True}),
     ("data:2,tensor:4", {**SAMPLED, "loss.negatives": "mixed", "loss.l2_norm": True,
                          "loss.temperature": 0.05, "loss.mask_history": True}),
     ("data:2,pipe:2,tensor:2", {**SAMPLED, "loss.negatives": "in_batch",

@@ -57,6 +57,8 @@ def test_quickstart_end_to_end_writes_metrics_and_summary(tmp_path):
     # compressor error feedback + DGC momentum, and async-mode replicas + outer momentum
     {"compression.method": "topk", "compression.momentum": 0.9, "compression.min_size": 512},
     {"compression.method": "int8", "dp.mode": "diloco", "dp.sync_every": 3},
+    # packed rows: the grain iterator's state (epoch start) comes back from the checkpoint
+    {"data.packing": "greedy", "data.window_stride": 0},
 ])
 def test_resume_continues_with_exactly_the_uninterrupted_losses(tmp_path, strategy):
   def config():

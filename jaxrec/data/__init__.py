@@ -1,38 +1,72 @@
-"""Real datasets -> per-user sequences -> host-local batches -> global jax.Arrays."""
+"""Real datasets -> per-user sequences -> training windows and evaluation rows.
+
+A dataset is read from an interaction file (MovieLens, SASRec format) into memory,
+or from a folder prepared once on disk by `experiments.prepare_data` (data/store.py)
+when it is bigger than a host's RAM; either way training sees the same windows.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
 import ml_collections
+import numpy as np
 
+from jaxrec.data import store
 from jaxrec.data.loaders import DataFormatError, Interactions, load_interactions
-from jaxrec.data.sequences import (EvalExamples, Sequences, TrainExamples, build_sequences,
-                                   eval_examples, item_popularity, train_examples)
+from jaxrec.data.sequences import (EvalExamples, Sequences, TrainExamples, Windows,
+                                   build_sequences, eval_examples, item_popularity,
+                                   train_examples)
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  sequences: Sequences
-  train: TrainExamples
+  train: Windows
   valid: EvalExamples
   test: EvalExamples
+  num_items: int
+  popularity: np.ndarray    # training-prefix counts per item id (0 = padding)
+  description: str
+  source: str
+  has_time: bool            # real timestamps (MovieLens files), not only an order
 
-  @property
-  def num_items(self) -> int:
-    return self.sequences.num_items
+
+def from_sequences(seqs: Sequences, max_len: int, window_stride: int = 0,
+                   eval_max_users: int = 0) -> Dataset:
+  return Dataset(
+      train=train_examples(seqs, max_len, window_stride),
+      valid=eval_examples(seqs, "valid", max_len, eval_max_users),
+      test=eval_examples(seqs, "test", max_len, eval_max_users),
+      num_items=seqs.num_items, popularity=item_popularity(seqs),
+      description=seqs.describe(), source=seqs.source,
+      has_time=seqs.timestamps is not None)
 
 
 def load_dataset(data: ml_collections.ConfigDict, eval_max_users: int = 0) -> Dataset:
-  """Reads, orders, filters and splits the dataset a config names."""
+  """Reads, orders, filters and splits the dataset a config names (a file, or a
+  folder written by experiments.prepare_data)."""
+  if store.is_prepared(data.path):
+    parts = store.read(data.path)
+    if parts["train"].max_len != data.max_len:
+      raise DataFormatError(
+          f"{data.path} was prepared with max_len {parts['train'].max_len}; "
+          f"config.data.max_len = {data.max_len}: prepare it again or use that length")
+    if eval_max_users > 0:
+      parts["valid"], parts["test"] = (_first(parts[k], eval_max_users)
+                                       for k in ("valid", "test"))
+    return Dataset(**parts)
   seqs = build_sequences(load_interactions(data.format, data.path), data.kcore)
-  return Dataset(
-      sequences=seqs,
-      train=train_examples(seqs, data.max_len, data.window_stride),
-      valid=eval_examples(seqs, "valid", data.max_len, eval_max_users),
-      test=eval_examples(seqs, "test", data.max_len, eval_max_users),
-  )
+  return from_sequences(seqs, data.max_len, data.window_stride, eval_max_users)
+
+
+def _first(ex: EvalExamples, n: int) -> EvalExamples:
+  """The first n users of an evaluation split."""
+  n = min(n, len(ex))
+  end = ex.history_offsets[n]
+  return EvalExamples(ex.inputs[:n], ex.target[:n], ex.history_offsets[:n + 1],
+                      ex.history[:end], ex.users[:n],
+                      None if ex.timestamps is None else ex.timestamps[:n])
 
 
 __all__ = ["DataFormatError", "Dataset", "EvalExamples", "Interactions", "Sequences",
-           "TrainExamples", "item_popularity", "load_dataset"]
+           "TrainExamples", "Windows", "from_sequences", "item_popularity", "load_dataset"]

@@ -9,54 +9,140 @@ materialises only the rows its devices hold.
 
 from __future__ import annotations
 
+import threading
 from typing import Mapping
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from jaxrec.data.sequences import EvalExamples, TrainExamples
+from jaxrec.config import PACKINGS
+from jaxrec.data import packing as packing_lib
+from jaxrec.data.sequences import EvalExamples, Windows
 from jaxrec.mesh import mesh_shape
 from jaxrec.partitioning import batch_spec
 
 
 class TrainStream:
-  """Global batch k of the shuffled, epoch-wise example stream."""
+  """Global batch k of the shuffled, epoch-wise stream of training rows.
 
-  def __init__(self, examples: TrainExamples, global_batch: int, seed: int):
+  Epoch e shuffles the examples with seed (seed, e) and lays them into rows: one
+  per row (`packing="none"`, left-padded) or several per row (`"greedy"`, a
+  first-fit plan: data/packing.py). Global batch k is rows [k*B, (k+1)*B) of the
+  concatenated epochs, so the stream is a pure function of the step and of the
+  examples' lengths; each process reads and lays out only its own rows.
+  """
+
+  def __init__(self, examples: Windows, global_batch: int, seed: int,
+               packing: str = "none", with_times: bool = False):
+    if packing not in PACKINGS:
+      raise ValueError(f"config.data.packing = {packing!r}; valid values are "
+                       f"{', '.join(PACKINGS)}")
     self.examples = examples
     self.global_batch = global_batch
     self.seed = seed
-    self._perm_epoch = -1
-    self._perm = np.empty(0, np.int64)
+    self.packing = packing
+    self.with_times = with_times and examples.has_time
+    self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    self._starts = {0: 0}   # first global row of the epochs known so far
+    self._lock = threading.RLock()   # a prefetch thread and the loop share the caches
 
   def _permutation(self, epoch: int) -> np.ndarray:
-    if epoch != self._perm_epoch:
-      rng = np.random.default_rng([self.seed, epoch])
-      self._perm = rng.permutation(len(self.examples))
-      self._perm_epoch = epoch
-    return self._perm
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
 
-  def indices(self, k: int) -> np.ndarray:
-    """Example indices of global batch k (crosses epoch boundaries seamlessly)."""
-    n = len(self.examples)
-    pos = np.arange(k * self.global_batch, (k + 1) * self.global_batch, dtype=np.int64)
-    out = np.empty_like(pos)
-    for epoch in np.unique(pos // n):
-      sel = pos // n == epoch
-      out[sel] = self._permutation(int(epoch))[pos[sel] % n]
+  def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row offsets, example ids) of epoch `epoch` (the latest few are cached)."""
+    with self._lock:
+      return self._plan(epoch)
+
+  def _plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    if epoch not in self._plans:
+      order = self._permutation(epoch)
+      if self.packing == "greedy":
+        self._plans[epoch] = packing_lib.first_fit(self.examples.lengths, order,
+                                                   self.examples.max_len)
+      else:
+        self._plans[epoch] = packing_lib.one_per_row(order)
+      for old in [e for e in self._plans if e < epoch - 2]:
+        del self._plans[old]
+    return self._plans[epoch]
+
+  def epoch_start(self, epoch: int) -> int:
+    """The first global row of `epoch` (walking forward from the latest known one)."""
+    with self._lock:
+      if epoch not in self._starts:
+        known = max(e for e in self._starts if e < epoch)
+        for e in range(known, epoch):
+          self._starts[e + 1] = self._starts[e] + self._plan(e)[0].shape[0] - 1
+      return self._starts[epoch]
+
+  def seed_position(self, epoch: int, start_row: int) -> None:
+    """Tells a resumed stream where `epoch` starts (so earlier epochs need no plan)."""
+    with self._lock:
+      self._starts[epoch] = start_row
+
+  def rows(self, k: int, rows: slice = slice(None)) -> list[tuple[int, np.ndarray]]:
+    """(epoch, rows within it) making up `rows` of global batch k (crossing epochs)."""
+    lo = k * self.global_batch + (rows.start or 0)
+    hi = k * self.global_batch + (self.global_batch if rows.stop is None else rows.stop)
+    epoch = self.epoch_of_row(lo)
+    out = []
+    while lo < hi:
+      start = self.epoch_start(epoch)
+      count = self.plan(epoch)[0].shape[0] - 1
+      take = min(hi, start + count) - lo
+      if take > 0:
+        out.append((epoch, np.arange(lo - start, lo - start + take)))
+        lo += take
+      epoch += 1
     return out
 
-  def epoch_of(self, k: int) -> float:
-    return k * self.global_batch / len(self.examples)
+  def epoch_of_row(self, row: int) -> int:
+    with self._lock:
+      epoch = max(e for e, start in self._starts.items() if start <= row)
+    while self.epoch_start(epoch + 1) <= row:
+      epoch += 1
+    return epoch
 
-  def tokens(self, k: int) -> int:
-    """Non-padding targets in global batch k (for throughput accounting)."""
-    return int((self.examples.targets[self.indices(k)] > 0).sum())
+  def position(self, k: int) -> dict[str, int]:
+    """Where global batch k starts: enough to resume without earlier plans."""
+    epoch = self.epoch_of_row(k * self.global_batch)
+    return {"step": k, "epoch": epoch, "epoch_start": self.epoch_start(epoch)}
 
   def host_batch(self, k: int, rows: slice) -> dict[str, np.ndarray]:
-    idx = self.indices(k)[rows]
-    return {"inputs": self.examples.inputs[idx], "targets": self.examples.targets[idx]}
+    parts = []
+    for epoch, within in self.rows(k, rows):
+      offsets, members = self.plan(epoch)
+      if self.packing == "greedy":
+        parts.append(packing_lib.packed_rows(self.examples, offsets, members, within,
+                                             self.with_times))
+      else:
+        out = self.examples.padded(members[within])
+        if not self.with_times:
+          out.pop("timestamps", None)
+        parts.append(out)
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+  def indices(self, k: int) -> np.ndarray:
+    """Example ids of global batch k, row by row (unpacked: one per row)."""
+    ids = []
+    for epoch, within in self.rows(k):
+      offsets, members = self.plan(epoch)
+      ids.extend(members[offsets[r]:offsets[r + 1]] for r in within)
+    return np.concatenate(ids)
+
+  def epoch_of(self, k: int) -> float:
+    row = k * self.global_batch
+    epoch = self.epoch_of_row(row)
+    start = self.epoch_start(epoch)
+    return epoch + (row - start) / (self.epoch_start(epoch + 1) - start)
+
+  def tokens(self, k: int) -> int:
+    """Real targets in global batch k (for throughput accounting)."""
+    return self.examples.tokens(self.indices(k))
+
+  def fill_rate(self, epoch: int = 0) -> float:
+    return packing_lib.fill_rate(self.examples, *self.plan(epoch))
 
 
 def process_rows(mesh: Mesh, global_batch: int) -> slice:

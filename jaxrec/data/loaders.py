@@ -30,6 +30,7 @@ class Interactions:
   item: np.ndarray       # int64 [n], original ids
   timestamp: np.ndarray  # int64 [n]; ties are broken by line order downstream
   source: str
+  has_time: bool = True  # False: `timestamp` is only the line order (SASRec format)
 
   def __len__(self) -> int:
     return int(self.user.shape[0])
@@ -65,7 +66,7 @@ def read_sasrec(path: str | os.PathLike) -> Interactions:
   cols = _parse_columns(path, body, delimiter=None, types=(int, int), first_line=1,
                         what="'user item'")
   order = np.arange(cols[0].shape[0], dtype=np.int64)
-  return Interactions(cols[0], cols[1], order, str(path))
+  return Interactions(cols[0], cols[1], order, str(path), has_time=False)
 
 
 READERS = {

@@ -27,6 +27,7 @@ class Sequences:
   user_ids: np.ndarray       # original user id per row
   item_ids: np.ndarray       # original item id per new id; item_ids[0] is unused
   source: str
+  timestamps: np.ndarray | None = None  # int64 [total] seconds, when the file has them
 
   @property
   def num_users(self) -> int:
@@ -38,6 +39,9 @@ class Sequences:
 
   def user(self, u: int) -> np.ndarray:
     return self.items[self.offsets[u]:self.offsets[u + 1]]
+
+  def user_times(self, u: int) -> np.ndarray | None:
+    return None if self.timestamps is None else self.timestamps[self.offsets[u]:self.offsets[u + 1]]
 
   def describe(self) -> str:
     lengths = self.lengths
@@ -73,7 +77,7 @@ def build_sequences(inter: Interactions, kcore_k: int = 0) -> Sequences:
         f"{inter.source}: no interactions left after the {kcore_k}-core filter "
         f"({len(inter)} before); lower config.data.kcore")
   order = np.lexsort((line, ts, user))  # user, then time, then file order
-  user, item = user[order], item[order]
+  user, item, ts = user[order], item[order], ts[order]
   item_ids, new_item = np.unique(item, return_inverse=True)
   user_ids, user_start = np.unique(user, return_index=True)
   offsets = np.append(user_start, user.shape[0]).astype(np.int64)
@@ -84,16 +88,73 @@ def build_sequences(inter: Interactions, kcore_k: int = 0) -> Sequences:
       user_ids=user_ids,
       item_ids=np.concatenate([[-1], item_ids]),
       source=inter.source,
+      timestamps=ts.astype(np.int64) if inter.has_time else None,
   )
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainExamples:
-  inputs: np.ndarray   # int32 [E, max_len], left-padded with 0
-  targets: np.ndarray  # int32 [E, max_len], next item per position, 0 = no loss
+class Windows:
+  """Random access to training windows: window i is 2 to max_len + 1 consecutive items
+  of one user (inputs: all but the last; targets: all but the first). Subclasses
+  hold them in memory (TrainExamples) or read them from disk (data/store.py)."""
+  max_len: int
+  has_time: bool
 
   def __len__(self) -> int:
-    return int(self.inputs.shape[0])
+    return int(self.lengths.shape[0])
+
+  @property
+  def lengths(self) -> np.ndarray:
+    """Tokens (inputs = targets) per window."""
+    raise NotImplementedError
+
+  def example(self, i: int) -> np.ndarray:
+    raise NotImplementedError
+
+  def example_times(self, i: int) -> np.ndarray | None:
+    raise NotImplementedError
+
+  def padded(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """One window per row, left-padded to max_len: inputs, targets (and timestamps)."""
+    t = self.max_len
+    out = {"inputs": np.zeros((len(idx), t), np.int32),
+           "targets": np.zeros((len(idx), t), np.int32)}
+    if self.has_time:
+      out["timestamps"] = np.zeros((len(idx), t), np.int64)
+    for r, i in enumerate(idx):
+      seq = self.example(i)
+      n = seq.shape[0] - 1
+      out["inputs"][r, t - n:] = seq[:-1]
+      out["targets"][r, t - n:] = seq[1:]
+      if self.has_time:
+        out["timestamps"][r, t - n:] = self.example_times(i)[:-1]
+    return out
+
+  def tokens(self, idx: np.ndarray) -> int:
+    return int(self.lengths[idx].sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainExamples(Windows):
+  """Training windows in memory, CSR: window i is items[offsets[i]:offsets[i+1]].
+  Kept unpadded so rows can be packed."""
+  offsets: np.ndarray               # int64 [E + 1]
+  items: np.ndarray                 # int32 [total]
+  max_len: int
+  timestamps: np.ndarray | None = None   # int64 [total], aligned with items
+
+  @property
+  def has_time(self) -> bool:
+    return self.timestamps is not None
+
+  @property
+  def lengths(self) -> np.ndarray:
+    return np.diff(self.offsets) - 1
+
+  def example(self, i: int) -> np.ndarray:
+    return self.items[self.offsets[i]:self.offsets[i + 1]]
+
+  def example_times(self, i: int) -> np.ndarray | None:
+    return None if self.timestamps is None else self.timestamps[self.offsets[i]:self.offsets[i + 1]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +165,7 @@ class EvalExamples:
   history_offsets: np.ndarray  # CSR over `history`: the full history (for exclusion)
   history: np.ndarray
   users: np.ndarray           # row index into Sequences
+  timestamps: np.ndarray | None = None   # int64 [U, max_len] of the inputs, when known
 
   def __len__(self) -> int:
     return int(self.target.shape[0])
@@ -133,21 +195,26 @@ def window_ends(n: int, max_len: int, stride: int) -> list[int]:
 
 
 def train_examples(seqs: Sequences, max_len: int, window_stride: int = 0) -> TrainExamples:
-  """SASRec-CE training examples from each user's training prefix."""
+  """SASRec-CE training windows from each user's training prefix."""
   ends = train_prefix_end(seqs.lengths)
-  rows_in, rows_tg = [], []
+  pieces, times, sizes = [], [], []
   for u in range(seqs.num_users):
     prefix = seqs.user(u)[:ends[u]]
     if prefix.shape[0] < 2:
       continue
+    stamps = seqs.user_times(u)
     for e in window_ends(prefix.shape[0], max_len, window_stride):
-      window = prefix[max(0, e - max_len - 1):e]
-      rows_in.append(_left_pad(window[:-1], max_len))
-      rows_tg.append(_left_pad(window[1:], max_len))
-  if not rows_in:
+      lo = max(0, e - max_len - 1)
+      pieces.append(prefix[lo:e])
+      sizes.append(e - lo)
+      if stamps is not None:
+        times.append(stamps[lo:e])
+  if not pieces:
     raise DataFormatError(
         f"{seqs.source}: no user has two training interactions; nothing to train on")
-  return TrainExamples(np.stack(rows_in), np.stack(rows_tg))
+  offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+  return TrainExamples(offsets, np.concatenate(pieces).astype(np.int32), max_len,
+                       np.concatenate(times).astype(np.int64) if times else None)
 
 
 def eval_examples(seqs: Sequences, split: str, max_len: int, max_users: int = 0) -> EvalExamples:
@@ -161,7 +228,7 @@ def eval_examples(seqs: Sequences, split: str, max_len: int, max_users: int = 0)
   if users.shape[0] == 0:
     raise DataFormatError(
         f"{seqs.source}: no user has the {MIN_EVAL_LEN} interactions leave-one-out needs")
-  inputs, target, hist = [], [], []
+  inputs, target, hist, times = [], [], [], []
   for u in users:
     s = seqs.user(u)
     cut = s.shape[0] - (2 if split == "valid" else 1)
@@ -169,9 +236,12 @@ def eval_examples(seqs: Sequences, split: str, max_len: int, max_users: int = 0)
     inputs.append(_left_pad(history[-max_len:], max_len))
     target.append(s[cut])
     hist.append(history)
+    if seqs.timestamps is not None:
+      times.append(_left_pad(seqs.user_times(u)[:cut][-max_len:], max_len, np.int64))
   h_off = np.concatenate([[0], np.cumsum([h.shape[0] for h in hist])]).astype(np.int64)
   return EvalExamples(np.stack(inputs), np.asarray(target, np.int32), h_off,
-                      np.concatenate(hist).astype(np.int32), users)
+                      np.concatenate(hist).astype(np.int32), users,
+                      np.stack(times) if times else None)
 
 
 def item_popularity(seqs: Sequences) -> np.ndarray:
@@ -181,8 +251,8 @@ def item_popularity(seqs: Sequences) -> np.ndarray:
   return np.bincount(seqs.items[mask], minlength=seqs.num_items + 1)
 
 
-def _left_pad(x: np.ndarray, n: int) -> np.ndarray:
-  out = np.zeros(n, np.int32)
+def _left_pad(x: np.ndarray, n: int, dtype=np.int32) -> np.ndarray:
+  out = np.zeros(n, dtype)
   if x.shape[0]:
     out[-x.shape[0]:] = x[-n:]
   return out

@@ -30,6 +30,7 @@ class Context:
   row_keys: jax.Array | None = None   # one PRNG key per example row; None = no dropout
   dtype: jnp.dtype = jnp.float32
   loss_key: jax.Array | None = None   # the step's key for sampled negatives (same everywhere)
+  attention: str | None = "xla"       # jax.nn.dot_product_attention implementation
   batch_axes: tuple[str, ...] = ()    # the data axes (in-batch negatives gather over them)
 
   @property
@@ -106,11 +107,9 @@ class Attention(nnx.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if self.rotary_positions:
       q, k = rotary(q, positions), rotary(k, positions)
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None], scores, -1e30)
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    o = jnp.einsum("bhqk,bkhe->bqhe", probs, v)
+    o = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None],
+                                     scale=1.0 / math.sqrt(q.shape[-1]),
+                                     implementation=ctx.attention)
     out = tensor.row_parallel(o, self.out[...], "bqhe,hed->bqd", ctx.tensor_axis)
     return checkpoint_name(out, ATTENTION_OUT)
 

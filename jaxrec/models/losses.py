@@ -49,7 +49,8 @@ class LossConfig:
   item_tile: int = 0            # items per tile of the full softmax; 0 = auto
   token_chunk: int = 1024       # real tokens scored per chunk
   negatives: str = "uniform"    # sampled: uniform | in_batch | mixed
-  num_negatives: int = 128      # sampled: uniform negatives per step
+  num_negatives: int = 128      # sampled: uniform negatives per token (or per step)
+  shared_negatives: bool = False  # True: one set of uniform negatives for the whole step
   in_batch_global: bool = True  # in-batch negatives gathered over the data axes
   logq_correction: bool = True  # subtract log(expected count) of each candidate
   mask_history: bool = False    # also mask negatives found in the row's own items
@@ -273,11 +274,9 @@ full_softmax.defvjp(_full_fwd, _full_bwd)
 # ---------------------------------------------------------------------------
 @dataclasses.dataclass
 class Candidates:
-  """The negatives every token is scored against: ids [K] (0 = none), their rows
-  [K, D] and the log of their expected count in the candidate set [K]."""
+  """Negatives every token is scored against: ids [K] (0 = none) and their rows [K, D]."""
   ids: jax.Array
   rows: jax.Array
-  log_q: jax.Array
 
 
 def uniform_negatives(key: jax.Array, num: int, num_items: int) -> jax.Array:
@@ -285,89 +284,116 @@ def uniform_negatives(key: jax.Array, num: int, num_items: int) -> jax.Array:
   return jax.random.randint(key, (num,), 1, num_items + 1, dtype=jnp.int32)
 
 
-def expected_counts(ids: jax.Array, uniform: int, num_items: int, in_batch: int
-                    ) -> jax.Array:
-  """log E[times each candidate appears in the candidate set]: uniform draws give
-  uniform / num_items each; the in-batch part (the first `in_batch` entries of
-  `ids` after the uniform ones) counts how often the item occurs there, i.e. the
-  popularity-proportional sampling probability of in-batch negatives."""
-  q = jnp.full(ids.shape, uniform / num_items, jnp.float32)
-  if in_batch:
-    batch = ids[uniform:]
-    sorted_ids = jnp.sort(batch)
-    counts = (jnp.searchsorted(sorted_ids, ids, side="right")
-              - jnp.searchsorted(sorted_ids, ids, side="left")).astype(jnp.float32)
-    q = q + jnp.where(ids > 0, counts, 0.0) * 1.0
-  return jnp.log(jnp.maximum(q, 1e-30))
+@dataclasses.dataclass
+class Negatives:
+  """What each token is scored against besides its target.
+
+  shared: candidates every token sees (the batch's targets, or uniform draws shared
+    by the whole step), or None.
+  draw: token keys [C, 2] -> (ids [C, K], rows [C, K, D]): K uniform negatives drawn
+    for each token from its own key (HSTU's recipe), or None.
+  log_q: ids -> log of their expected count among a token's candidates (logQ).
+  hits: (token positions [C], candidate ids [C, K] or [K]) -> [C, K] True where a
+    candidate is in the token's own sequence (masked), or None.
+  """
+  shared: Candidates | None = None
+  draw: Any = None
+  log_q: Any = None
+  hits: Any = None
 
 
 def sampled_softmax(h: jax.Array, targets: jax.Array, target_rows: jax.Array,
-                    cands: Candidates, cfg: LossConfig,
-                    history_hits: jax.Array | None = None) -> jax.Array:
+                    token_keys: jax.Array, positions: jax.Array, negatives: Negatives,
+                    cfg: LossConfig) -> jax.Array:
   """Per-token sampled-softmax CE [N] (0 where the target is padding).
 
-  target_rows [N, D]: the targets' item rows; history_hits [N, K] (optional): True
-  where a candidate is among the token's row's own items (masked like an
-  accidental hit). A candidate equal to the target is always masked.
+  target_rows [N, D]: the targets' item rows; token_keys [N, 2]: raw PRNG key data
+  per token (for per-token draws); positions [N]: each token's flat position in its
+  batch (for history masking). A candidate equal to the target is always masked.
   """
   hn = h.astype(jnp.float32)
   pos = target_rows.astype(jnp.float32)
-  neg = cands.rows.astype(jnp.float32)
-  if cfg.l2_norm:
-    hn, pos, neg = (_l2(x) for x in (hn, pos, neg))
+  shared = negatives.shared
   inv_t = 1.0 / cfg.temperature
-  t_log_q = _log_q_of(targets, cands) if cfg.logq_correction else None
-  hits = history_hits
+  norm = _l2 if cfg.l2_norm else (lambda x: x)
+  hn, pos = norm(hn), norm(pos)
+  shared_rows = None if shared is None else norm(shared.rows.astype(jnp.float32))
 
-  def chunk(hc, tc, pc, qc, hitc):
+  def chunk(hc, tc, pc, kc, posc):
     pos_logit = (hc * pc).sum(-1) * inv_t
-    neg_logit = jnp.einsum("nd,kd->nk", hc, neg) * inv_t
-    if cfg.logq_correction:
-      pos_logit = pos_logit - qc
-      neg_logit = neg_logit - cands.log_q[None]
-    mask = (cands.ids[None] > 0) & (cands.ids[None] != tc[:, None])
-    if hitc is not None:
-      mask &= ~hitc
-    neg_logit = jnp.where(mask, neg_logit, NEG)
-    logits = jnp.concatenate([pos_logit[:, None], neg_logit], axis=1)
+    if cfg.logq_correction and negatives.log_q is not None:
+      pos_logit = pos_logit - negatives.log_q(tc)
+    parts = [pos_logit[:, None]]
+    if shared is not None:
+      logit = jnp.einsum("nd,kd->nk", hc, shared_rows) * inv_t
+      if cfg.logq_correction and negatives.log_q is not None:
+        logit = logit - negatives.log_q(shared.ids)[None]
+      parts.append(jnp.where(_keep(shared.ids, tc, posc, negatives), logit, NEG))
+    if negatives.draw is not None:
+      ids, rows = negatives.draw(kc)
+      logit = jnp.einsum("nd,nkd->nk", hc, norm(rows.astype(jnp.float32))) * inv_t
+      if cfg.logq_correction and negatives.log_q is not None:
+        logit = logit - negatives.log_q(ids)
+      parts.append(jnp.where(_keep(ids, tc, posc, negatives), logit, NEG))
+    logits = jnp.concatenate(parts, axis=1)
     loss = jax.nn.logsumexp(logits, axis=-1) - pos_logit
     return jnp.where(tc > 0, loss, 0.0)
 
-  chunk = jax.checkpoint(chunk)   # no [chunk, K] logits kept for the backward
-  q = t_log_q if t_log_q is not None else jnp.zeros(targets.shape, jnp.float32)
-  xs = (hn, targets, pos, q) + (() if hits is None else (hits,))
-  fn = chunk if hits is not None else (lambda a, b, c, d: chunk(a, b, c, d, None))
-  return _over_chunks(fn, targets, cfg.token_chunk, xs)
+  chunk = jax.checkpoint(chunk)   # no [chunk, K] logits or rows kept for the backward
+  return _over_chunks(chunk, targets, cfg.token_chunk, (hn, targets, pos, token_keys,
+                                                        positions))
 
 
-def _log_q_of(targets: jax.Array, cands: Candidates) -> jax.Array:
-  """log expected count of each target in the candidate set (the positive's own logQ)."""
-  order = jnp.argsort(cands.ids)
-  sorted_ids = cands.ids[order]
-  at = jnp.clip(jnp.searchsorted(sorted_ids, targets), 0, sorted_ids.shape[0] - 1)
-  found = sorted_ids[at] == targets
-  base = jnp.min(cands.log_q)   # an item absent from the set: the uniform share
-  return jnp.where(found, cands.log_q[order][at], base)
+def _keep(ids: jax.Array, targets: jax.Array, positions: jax.Array,
+          negatives: Negatives) -> jax.Array:
+  """[C, K]: a real candidate that is neither the token's target nor (optionally) in
+  its own sequence."""
+  keep = (ids > 0) & (ids != targets[:, None])
+  if negatives.hits is not None:
+    keep &= ~negatives.hits(positions, ids)
+  return keep
+
+
+def in_batch_log_q(batch_ids: jax.Array, uniform_per_token: int, num_items: int):
+  """ids -> log expected count among a token's candidates: K uniform draws give
+  K / num_items each; the in-batch candidates hold an item as often as it occurs
+  in the batch (popularity-proportional sampling)."""
+  sorted_ids = None if batch_ids is None else jnp.sort(batch_ids)
+
+  def log_q(ids):
+    q = jnp.full(ids.shape, uniform_per_token / num_items, jnp.float32)
+    if sorted_ids is not None:
+      counts = (jnp.searchsorted(sorted_ids, ids, side="right")
+                - jnp.searchsorted(sorted_ids, ids, side="left")).astype(jnp.float32)
+      q = q + jnp.where(ids > 0, counts, 0.0)
+    return jnp.log(jnp.maximum(q, 1e-30))
+
+  return log_q
 
 
 def _l2(x: jax.Array) -> jax.Array:
   return x * lax.rsqrt(jnp.maximum((x * x).sum(-1, keepdims=True), 1e-12))
 
 
-def history_hits(tokens: dict[str, jax.Array], order: jax.Array, cand_ids: jax.Array,
-                 num_items: int) -> jax.Array:
-  """[N, K]: candidate k is among the items of token n's own sequence (its row's
-  segment; `order` [N] gives each token's flat [B * T] position in `tokens`)."""
+def history_hits(tokens: dict[str, jax.Array], num_items: int):
+  """(positions [C], candidate ids [C, K] or [K]) -> [C, K]: the candidate is among
+  the items of the token's own sequence (its row's segment; a position is the
+  token's flat [B * T] index in `tokens`)."""
   items = tokens["inputs"]
   seg = tokens.get("segments", (items > 0).astype(jnp.int32))
   t = items.shape[1]
   keys = jnp.where(items > 0, seg * (num_items + 1) + items, -1)
   sorted_keys = jnp.sort(keys, axis=-1)
-  rows, cols = order // t, order % t
 
-  def member(r, s):
-    wanted = s * (num_items + 1) + cand_ids
+  def member(position, cand):
+    r, c = position // t, position % t
+    wanted = seg[r, c] * (num_items + 1) + cand
     at = jnp.clip(jnp.searchsorted(sorted_keys[r], wanted), 0, t - 1)
-    return (sorted_keys[r][at] == wanted) & (cand_ids > 0)
+    return (sorted_keys[r][at] == wanted) & (cand > 0)
 
-  return jax.vmap(member)(rows, seg[rows, cols])
+  def hits(positions, ids):
+    if ids.ndim == 1:
+      return jax.vmap(lambda p: member(p, ids))(positions)
+    return jax.vmap(member)(positions, ids)
+
+  return hits

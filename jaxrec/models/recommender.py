@@ -51,6 +51,7 @@ class ModelConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: str = "none"
+  attention: str = "xla"
   init_std: float = 0.02
 
   @classmethod
@@ -136,7 +137,7 @@ class RecommenderFns:
     return Context(tensor_axis=tensor_axis,
                    dropout_rate=self.cfg.dropout if dropout_rate is None else dropout_rate,
                    row_keys=row_keys, dtype=self.cfg.compute_dtype, loss_key=loss_key,
-                   batch_axes=batch_axes)
+                   batch_axes=batch_axes, attention=self.cfg.attention)
 
   # ------------------------------------------------------------------- pieces
   def item_table(self, params: Params) -> ItemEmbedding:
@@ -206,61 +207,88 @@ class RecommenderFns:
   def final_hidden(self, params: Params, h: jax.Array) -> jax.Array:
     return nnx.merge(self._graphdefs["final_norm"], params["final_norm"])(h)
 
+  @property
+  def uses_time(self) -> bool:
+    """Whether the model reads per-token timestamps (HSTU's time bias)."""
+    return False
+
   # --------------------------------------------------------------- item head
   def full_softmax_spec(self, table: jax.Array, ctx: Context) -> losses.FullSoftmax:
     return losses.FullSoftmax(num_items=self.cfg.num_items, axes=ctx.tensor_axis,
                               tile=self.loss_cfg.tile(table.shape[0]),
                               chunk=self.loss_cfg.token_chunk)
 
-  def candidates(self, params: Params, target_ids: jax.Array, target_rows: jax.Array,
-                 ctx: Context) -> losses.Candidates:
-    """The sampled softmax's shared negatives: uniform ids drawn from the step's key
-    (the same on every device) and/or the batch's own targets (gathered over the
-    data axes when `loss.in_batch_global`), with their rows and logQ."""
-    cfg = self.loss_cfg
-    ids, rows = [], []
-    uniform = 0
-    if cfg.negatives in ("uniform", "mixed"):
+  def negatives(self, params: Params, target_ids: jax.Array, target_rows: jax.Array,
+                ctx: Context, tokens: dict | None) -> losses.Negatives:
+    """The sampled softmax's negatives: uniform draws — per token from its own key (HSTU)
+    or one set per step (`loss.shared_negatives`) — and/or the batch's own targets
+    (gathered over the data axes when `loss.in_batch_global`), with their logQ and
+    the history mask. Every draw comes from the step's key: the same on every mesh."""
+    cfg, n_items = self.loss_cfg, self.cfg.num_items
+    ids, rows, draw = [], [], None
+    uniform = cfg.num_negatives if cfg.negatives in ("uniform", "mixed") else 0
+    if uniform and cfg.shared_negatives:
       if ctx.loss_key is None:
         raise ValueError("uniform negatives need the step's key (Context.loss_key)")
-      uniform = cfg.num_negatives
-      u = losses.uniform_negatives(ctx.loss_key, uniform, self.cfg.num_items)
+      u = losses.uniform_negatives(ctx.loss_key, uniform, n_items)
       ids.append(u)
       rows.append(self.lookup(params, u, ctx).astype(jnp.float32))
-    in_batch = 0
+    elif uniform:
+      def draw(keys):
+        per = jax.vmap(lambda k: losses.uniform_negatives(jax.random.wrap_key_data(k),
+                                                          uniform, n_items))(keys)
+        return per, self.lookup(params, per, ctx)
+    batch = None
     if cfg.negatives in ("in_batch", "mixed"):
-      b_ids, b_rows = target_ids, target_rows.astype(jnp.float32)
+      batch, b_rows = target_ids, target_rows.astype(jnp.float32)
       if cfg.in_batch_global and ctx.batch_axes:
-        b_ids = jax.lax.all_gather(b_ids, ctx.batch_axes, tiled=True)
+        batch = jax.lax.all_gather(batch, ctx.batch_axes, tiled=True)
         b_rows = jax.lax.all_gather(b_rows, ctx.batch_axes, tiled=True)
-      in_batch = b_ids.shape[0]
-      ids.append(b_ids)
+      ids.append(batch)
       rows.append(b_rows)
-    ids = jnp.concatenate(ids)
-    log_q = losses.expected_counts(ids, uniform, self.cfg.num_items, in_batch)
-    return losses.Candidates(ids, jnp.concatenate(rows), log_q)
+    shared = losses.Candidates(jnp.concatenate(ids), jnp.concatenate(rows)) if ids else None
+    hits = (losses.history_hits(tokens, n_items)
+            if cfg.mask_history and tokens is not None else None)
+    return losses.Negatives(shared, draw, losses.in_batch_log_q(batch, uniform, n_items), hits)
+
+  def token_keys(self, ctx: Context, tokens: dict | None, order: jax.Array,
+                 width: int) -> jax.Array:
+    """Raw PRNG key data [N, 2] per token: (step key, global row, column), so a
+    token draws the same negatives on every mesh. `tokens["rows"]` holds the rows'
+    global indices (default: 0..B-1, the single-device reference)."""
+    if ctx.loss_key is None:
+      return jnp.zeros((order.shape[0], 2), jnp.uint32)
+    rows = order // width
+    if tokens is not None and "rows" in tokens:
+      rows = tokens["rows"][rows]
+    keys = jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(ctx.loss_key, r), c))(
+        rows, order % width)
+    return jax.random.key_data(keys)
 
   def item_losses(self, params: Params, h: jax.Array, targets: jax.Array, ctx: Context,
-                  tokens: Tokens | None = None, order: jax.Array | None = None) -> jax.Array:
+                  tokens: Tokens | None = None, order: jax.Array | None = None,
+                  width: int = 1) -> jax.Array:
     """Per-token item loss [N] of final hidden states h [N, D] (real targets first:
-    see `losses.compact`; `order` maps them back to the flat [B*T] positions of
-    `tokens`, whose items `loss.mask_history` masks); 0 where the target is padding."""
+    see `losses.compact`; `order` maps them back to flat [B * T] positions of
+    `tokens`, `width` = T); 0 where the target is padding."""
     if self.loss_cfg.type == "full":
       table = params["items"]["table"]
       return losses.full_softmax(h, targets, table, self.full_softmax_spec(table, ctx))
+    tokens = as_tokens(tokens)
+    if order is None:
+      order = jnp.arange(targets.shape[0])
     target_rows = self.lookup(params, targets, ctx)
-    cands = self.candidates(params, targets, target_rows, ctx)
-    hits = None
-    if self.loss_cfg.mask_history and tokens is not None:
-      hits = losses.history_hits(tokens, order, cands.ids, self.cfg.num_items)
-    return losses.sampled_softmax(h, targets, target_rows, cands, self.loss_cfg, hits)
+    negatives = self.negatives(params, targets, target_rows, ctx, tokens)
+    keys = self.token_keys(ctx, tokens, order, width)
+    return losses.sampled_softmax(h, targets, target_rows, keys, order, negatives,
+                                  self.loss_cfg)
 
   def head_loss(self, params: Params, h: jax.Array, targets: jax.Array, ctx: Context,
                 tokens: Tokens | None = None) -> tuple[jax.Array, jax.Array]:
     """(sum of the item loss over non-padding targets, their count) for h [B, T, D]."""
     h = self.final_hidden(params, h)
     hc, tc, order = _compacted(h, targets)
-    per_token = self.item_losses(params, hc, tc, ctx, as_tokens(tokens), order)
+    per_token = self.item_losses(params, hc, tc, ctx, tokens, order, targets.shape[1])
     return per_token.sum(), (targets > 0).sum().astype(jnp.float32)
 
   def head_forward(self, params: Params, y: jax.Array, targets: jax.Array, ctx: Context,
@@ -281,12 +309,12 @@ class RecommenderFns:
       saved["lse"] = lse
     else:
       tokens = as_tokens(tokens)
+      width = targets.shape[1]
       per_token, vjp_h = jax.vjp(
-          lambda hh: self.item_losses(params, hh, tc, ctx, tokens, order), hc)
+          lambda hh: self.item_losses(params, hh, tc, ctx, tokens, order, width), hc)
       (d_hc,) = vjp_h(jnp.ones_like(per_token))
       saved["order"] = order
-      if tokens is not None:
-        saved["tokens"] = tokens
+      saved["tokens"] = tokens
     loss = per_token.sum() * scale
     d_h = jnp.zeros(hc.shape, jnp.float32).at[order].set(d_hc.astype(jnp.float32) * scale)
     d_h = make_varying(d_h.reshape(h.shape).astype(h.dtype), varying_axes(h))
@@ -310,8 +338,9 @@ class RecommenderFns:
     def one(acc, mb):
       def total(tbl):
         p = {**params, "items": {**params["items"], "table": tbl}}
-        return self.item_losses(p, mb["h"], mb["targets"], ctx, mb.get("tokens"),
-                                mb["order"]).sum() * scale
+        width = mb["tokens"]["inputs"].shape[1]
+        return self.item_losses(p, mb["h"], mb["targets"], ctx, mb["tokens"], mb["order"],
+                                width).sum() * scale
       out, vjp_t = jax.vjp(total, table)
       (d_table,) = vjp_t(jnp.ones_like(out))
       return acc + d_table.astype(jnp.float32), None

@@ -49,6 +49,8 @@ _GROUPS_IOTA = re.compile(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](T\(([0-9
 _PAIRS = re.compile(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CONTRACT = re.compile(r"lhs_contracting_dims=\{([0-9,]*)\}")
+_GEMM_TARGET = re.compile(r'custom_call_target="[^"]*(gemm|matmul)[^"]*"', re.IGNORECASE)
+_GEMM_CONTRACT = re.compile(r'"lhs_contracting_dimensions":\[([^\]]*)\]')
 
 
 @dataclasses.dataclass
@@ -329,7 +331,11 @@ def aggregate(colls: list[Collective]) -> list[dict[str, Any]]:
 
 
 def dot_flops(text: str, branch_weights: dict[str, list[float]] | None = None) -> float:
-  """2*M*N*K summed over every dot, loop bodies multiplied by their trip counts."""
+  """2*M*N*K summed over every matmul, loop bodies multiplied by their trip counts.
+
+  Matmuls are `dot` ops, and on GPU also the GEMM custom calls XLA lowers dots to
+  (cuBLAS / cuBLASLt: `custom_call_target="__cublas$gemm"` and friends), whose
+  contracting dimensions sit in the backend config."""
   comps = parse_module(text)
   mult = multipliers(comps, branch_weights)
   total = 0.0
@@ -340,17 +346,21 @@ def dot_flops(text: str, branch_weights: dict[str, list[float]] | None = None) -
     for ins in comp.instructions:
       shapes[ins.name] = ins.shape
     for ins in comp.instructions:
-      if ins.op != "dot":
+      if ins.op == "dot":
+        contract = _CONTRACT.search(ins.rest)
+      elif ins.op == "custom-call" and _GEMM_TARGET.search(ins.rest):
+        contract = _GEMM_CONTRACT.search(ins.rest)
+      else:
         continue
       out = _arrays(ins.shape)
       operands = re.findall(r"%([\w.\-]+)", ins.rest.split(")")[0])
-      contract = _CONTRACT.search(ins.rest)
       if not out or not operands or not contract:
         continue
       lhs = _arrays(shapes.get(operands[0], ""))
       if not lhs:
         continue
-      k = math.prod(lhs[0][1][int(d)] for d in contract.group(1).split(",") if d)
+      dims = [int(d) for d in re.findall(r"\d+", contract.group(1))]
+      k = math.prod(lhs[0][1][d] for d in dims)
       total += 2.0 * math.prod(out[0][1]) * k * mult[cname][0]
   return total
 

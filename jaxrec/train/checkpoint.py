@@ -20,10 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+
+from jaxrec.data.pipeline import FrozenState
 
 FORMAT_VERSION = 1
 # A read failing with one of these may succeed if tried again (a network file system,
@@ -98,7 +101,7 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save),
-        item_names=("state", "meta"))
+        item_names=("state", "meta", "data"))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -106,16 +109,34 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+  def save(self, step: int, state: Any, meta: dict[str, Any],
+           data: dict[str, Any] | None = None) -> None:
+    """`data`: the input iterator's state, saved through grain's orbax handler (one
+    file per process) and, since ours is the same on every process, in `meta` too."""
     meta = {"format_version": FORMAT_VERSION, "step": int(step), **meta}
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+    items = {"state": ocp.args.StandardSave(state)}
+    if data is not None:
+      meta["data_state"] = data
+      items["data"] = grain.checkpoint.CheckpointSave(FrozenState(data))
+    self.manager.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **items),
+                      force=True)
     if os.environ.get(KILL_DURING_SAVE) == str(step):  # fault injection for tests
       os.kill(os.getpid(), signal.SIGKILL)
 
   def read_meta(self, step: int) -> dict[str, Any]:
     return retrying(lambda: self.manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))["meta"], f"checkpoint {step} metadata")
+
+  def read_data_state(self, step: int) -> dict[str, Any] | None:
+    """The input iterator's state saved at `step` by this process (grain's file), or
+    the copy in the meta when this process count wrote no file; None for
+    checkpoints from before the grain pipeline (their data position is the step)."""
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          data=grain.checkpoint.CheckpointRestore(FrozenState({}))))
+      return restored["data"].get_state()
+    except (ValueError, FileNotFoundError, KeyError):
+      return self.read_meta(step).get("data_state")
 
   def restore(self, step: int, target: Any) -> Any:
     """Restores onto the shapes and shardings carried by `target` (any mesh)."""

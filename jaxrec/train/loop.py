@@ -3,7 +3,8 @@
 Nothing a user trained is lost:
   * a rerun with the same workdir resumes from the latest checkpoint, exactly: the
     state holds the step, optimizer, compressor, async-mode and RNG state, and the
-    data stream is a pure function of the step;
+    data stream is a pure function of the step (the grain iterator's state, saved
+    with each checkpoint, says where the current epoch starts);
   * SIGTERM / SIGINT (preemption) saves at the next step boundary and returns;
   * a checkpoint that cannot be read falls back to the previous one, with a warning;
   * a checkpoint written on another mesh or pipeline layout is converted;
@@ -29,8 +30,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from jaxrec.config import validate, with_overrides
-from jaxrec.data import Dataset, item_popularity, load_dataset
+from jaxrec.data import Dataset, load_dataset
 from jaxrec.data.batches import TrainStream, process_rows, to_global
+from jaxrec.data.pipeline import train_batches
 from jaxrec.eval.evaluator import evaluate
 from jaxrec.eval.metrics import popularity_metrics
 from jaxrec.mesh import make_mesh, mesh_shape
@@ -218,8 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh, dataset, fns, program = build(config)
-  logging.info("data: %s (%s); %d training sequences", dataset.sequences.describe(),
-               dataset.sequences.source, len(dataset.train))
+  logging.info("data: %s (%s); %d training windows", dataset.description, dataset.source,
+               len(dataset.train))
   logging.info("model: %.2fM params; mesh %s over %d %s devices", fns.num_params() / 1e6,
                mesh_shape(mesh), mesh.size, jax.devices()[0].platform)
 
@@ -233,8 +235,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     logging.info("resumed from %s at step %d", ckpt.directory, int(jax.device_get(state.step)))
   start_step = int(jax.device_get(state.step))
 
-  stream = TrainStream(dataset.train, config.train.batch_size, config.data.shuffle_seed)
+  stream = TrainStream(dataset.train, config.train.batch_size, config.data.shuffle_seed,
+                       config.data.packing, with_times=fns.uses_time)
   rows = process_rows(mesh, config.train.batch_size)
+  data_state = ckpt.read_data_state(start_step) if start_step else None
+  batches = train_batches(stream, rows, start_step, config.data.prefetch)
+  if data_state:
+    batches.set_state(data_state)
+  if config.data.packing != "none":
+    logging.info("packing %s: %.1f%% of row positions hold real targets (epoch 0)",
+                 config.data.packing, 100 * stream.fill_rate(0))
   evaluate_split = _evaluator(config, program, mesh, dataset)
 
   last_log_time, last_log_step, tokens_since = time.perf_counter(), start_step, 0.0
@@ -278,11 +288,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     if streak["bad"]:
       logging.warning("not checkpointing step %d during a run of non-finite steps", step)
       return
-    ckpt.save(step, state, checkpoint_meta(program, step))
+    ckpt.save(step, state, checkpoint_meta(program, step), batches.get_state())
 
   with PreemptionGuard(config.train.preemption_check_every) as guard:
     for step in range(start_step, total):
-      batch = to_global(mesh, stream.host_batch(step, rows), config.train.batch_size)
+      batch = to_global(mesh, next(batches), config.train.batch_size)
       tokens_since += stream.tokens(step)
       state, step_metrics = program.train_step(state, batch, step)
       in_flight.append((step, step_metrics))
@@ -340,7 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     selector.close()
   baseline = None
   if config.eval.baseline == "most_popular" and jax.process_index() == 0:
-    baseline = popularity_metrics(item_popularity(dataset.sequences), dataset.test,
+    baseline = popularity_metrics(dataset.popularity, dataset.test,
                                   config.eval.exclude_history, dataset.num_items)
   summary = {
       "test": test, "valid": valid, "selected": selected, "final": final,
@@ -350,8 +360,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
       "steps": total, "resumed_from_step": start_step if start_step else None,
       "skipped_steps": streak["skipped"],
       "mesh": str(mesh_shape(mesh)), "device": f"{mesh.size}x {jax.devices()[0].device_kind}",
-      "num_params": fns.num_params(), "dataset": dataset.sequences.describe(),
-      "data_source": dataset.sequences.source, "config": config.to_dict(),
+      "num_params": fns.num_params(), "dataset": dataset.description,
+      "data_source": dataset.source, "config": config.to_dict(),
   }
   if jax.process_index() == 0:
     dump_json(workdir / "summary.json", summary)

@@ -26,6 +26,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrec import hardware
+from jaxrec.config import ConfigError
 from jaxrec.layout import HEAD_TABLE_GRAD_SCOPE, Layout
 from jaxrec.mesh import MeshShape, mesh_shape
 from jaxrec.models.recommender import RecommenderFns
@@ -71,6 +72,11 @@ class TrainProgram:
     self.config = config
     self.fns = fns
     self.mesh = mesh
+    platform = mesh.devices.flat[0].platform if isinstance(mesh, Mesh) else None
+    if fns.cfg.attention == "cudnn" and platform not in ("gpu", None):
+      raise ConfigError(
+          f"config.model.attention = 'cudnn' needs GPU devices; this mesh has {platform} "
+          "devices: use 'xla'")
     if costs is None and _needs_balancing(config, mesh):
       costs = measure_piece_costs(config, fns, mesh)
     self.layout = Layout.build(config, fns, mesh_shape(mesh), costs)
@@ -182,6 +188,7 @@ class TrainProgram:
     lay = self.layout
     inputs, targets = token_arrays(batch), batch["targets"]
     n_targets = psum((targets > 0).sum().astype(jnp.float32), lay.data_axes)
+    inputs["rows"] = self._first_row(targets.shape[0]) + jnp.arange(targets.shape[0])
     row_keys = self._row_keys(state, targets.shape[0])
     # Gradients are taken w.r.t. fp32 copies of the params (the model casts them to
     # its storage and compute dtypes), so they accumulate and travel in fp32.
@@ -218,13 +225,17 @@ class TrainProgram:
     axes = tuple(a for a in self.layout.data_axes if a in varying_axes(x))
     return lax.pmean(x, axes) if axes else x
 
+  def _first_row(self, local_batch: int) -> jax.Array:
+    """The global index of this device's first batch row."""
+    axes = self.layout.data_axes
+    return (lax.axis_index(axes) if axes else jnp.int32(0)) * local_batch
+
   def _row_keys(self, state: TrainState, local_batch: int) -> jax.Array | None:
     """One dropout key per global example row, independent of the mesh."""
     if self.fns.cfg.dropout <= 0:
       return None
-    axes = self.layout.data_axes
-    first_row = (lax.axis_index(axes) if axes else 0) * local_batch
-    return row_keys(state.rng, state.step, first_row + jnp.arange(local_batch))
+    return row_keys(state.rng, state.step,
+                    self._first_row(local_batch) + jnp.arange(local_batch))
 
   def _ctx(self, keys=None, axis="tensor", negatives=None):
     """The model's per-call context: `keys` are per-row dropout keys (typed or raw),
