@@ -32,6 +32,7 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "save_attention_out")
 # (keep only the stage input between its forward and backward ticks).
 PIPELINE_REMAT = ("none", "full")
 ATTENTIONS = ("xla", "cudnn")
+BLOCKS = ("sasrec", "hstu")
 LOSS_TYPES = ("full", "sampled")
 NEGATIVES = ("uniform", "in_batch", "mixed")
 BALANCE_COSTS = ("device", "timed", "h100", "tpu_v5p", "local")
@@ -74,6 +75,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"  # storage dtype of the params (bf16 halves them)
   c.model.remat = "none"           # layer-scan rematerialisation policy (REMAT_POLICIES)
   c.model.attention = "xla"        # jax.nn.dot_product_attention: "xla", or "cudnn" on GPU
+  c.model.block = "sasrec"         # "sasrec" (softmax attention + MLP) | "hstu" (pointwise)
+  c.model.hstu_qk_dim = 0          # HSTU per-head query/key width; 0 = d_model / n_heads
+  c.model.hstu_v_dim = 0           # HSTU per-head u/v width; 0 = d_model / n_heads
+  c.model.time_bias = True         # HSTU: bucketed time-gap bias, where the data has times
+  c.model.time_buckets = 128
+  c.model.final_norm = True        # a norm after the last block (HSTU's encoder has none)
   c.model.init_std = 0.02
 
   c.train = ml_collections.ConfigDict()
@@ -173,6 +180,7 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
   _choice(c, "model.param_dtype", DTYPES)
   _choice(c, "model.remat", REMAT_POLICIES)
   _choice(c, "model.attention", ATTENTIONS)
+  _choice(c, "model.block", BLOCKS)
   _choice(c, "pipeline.remat", PIPELINE_REMAT)
   _choice(c, "pipeline.balance_costs", BALANCE_COSTS)
   _choice(c, "train.opt_state_dtype", DTYPES)

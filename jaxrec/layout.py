@@ -169,8 +169,7 @@ def analytic_piece_costs(model: ModelConfig, loss: losses.LossConfig, mesh: Mesh
   forward with the input gradient, then the recomputed logits for the table's)."""
   tokens = microbatch * model.max_len
   t = mesh.tensor
-  layer = flops.layer_flops_per_token(model.d_model, model.d_ff, model.max_len,
-                                      model.mlp) * tokens / t
+  layer = flops.layer_flops_per_token(model) * tokens / t
   head = 4 * flops.head_flops_per_token(model.d_model, model.table_rows, loss,
                                         tokens * mesh.data_size) * tokens / t
   # The lookup does no matmul; charge it a memory-bound token's worth so stage 0 is

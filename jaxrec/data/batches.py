@@ -120,6 +120,7 @@ class TrainStream:
         out = self.examples.padded(members[within])
         if not self.with_times:
           out.pop("timestamps", None)
+          out.pop("target_times", None)
         parts.append(out)
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
@@ -170,11 +171,13 @@ def to_global(mesh: Mesh, host: Mapping[str, np.ndarray], global_batch: int) -> 
   return out
 
 
-def eval_batches(examples: EvalExamples, batch_size: int, exclude_history: bool):
+def eval_batches(examples: EvalExamples, batch_size: int, exclude_history: bool,
+                 with_times: bool = False):
   """Yields host-global numpy eval batches padded to `batch_size` (weight 0 rows).
 
   The exclusion list is padded to a power-of-two width per batch so only a few
-  shapes are ever compiled.
+  shapes are ever compiled. `with_times`: also each input's timestamp and the time
+  of the item it predicts (the held-out item's at the last position).
   """
   n = len(examples)
   for start in range(0, n, batch_size):
@@ -194,4 +197,12 @@ def eval_batches(examples: EvalExamples, batch_size: int, exclude_history: bool)
         exclude[i, :h.shape[0]] = h
     else:
       exclude = np.zeros((batch_size, 1), np.int32)
-    yield {"inputs": inputs, "target": target, "weight": weight, "exclude": exclude}
+    batch = {"inputs": inputs, "target": target, "weight": weight, "exclude": exclude}
+    if with_times and examples.timestamps is not None:
+      times = np.zeros(inputs.shape, np.int64)
+      times[:rows.shape[0]] = examples.timestamps[rows]
+      target_times = np.zeros(inputs.shape, np.int64)
+      target_times[:, :-1] = times[:, 1:]
+      target_times[:rows.shape[0], -1] = examples.target_time[rows]
+      batch.update(timestamps=times, target_times=target_times)
+    yield batch

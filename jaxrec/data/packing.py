@@ -66,6 +66,7 @@ def packed_rows(examples, row_offsets: np.ndarray, members: np.ndarray, rows: np
   out = {k: np.zeros((len(rows), t), np.int32) for k in ("inputs", "targets", "segments")}
   if with_times:
     out["timestamps"] = np.zeros((len(rows), t), np.int64)
+    out["target_times"] = np.zeros((len(rows), t), np.int64)
   for r, row in enumerate(rows):
     at = 0
     for s, i in enumerate(members[row_offsets[row]:row_offsets[row + 1]]):
@@ -75,7 +76,9 @@ def packed_rows(examples, row_offsets: np.ndarray, members: np.ndarray, rows: np
       out["targets"][r, at:at + n] = seq[1:]
       out["segments"][r, at:at + n] = s + 1
       if with_times:
-        out["timestamps"][r, at:at + n] = examples.example_times(i)[:-1]
+        times = examples.example_times(i)
+        out["timestamps"][r, at:at + n] = times[:-1]
+        out["target_times"][r, at:at + n] = times[1:]
       at += n
   return out
 

@@ -118,15 +118,18 @@ class Windows:
     t = self.max_len
     out = {"inputs": np.zeros((len(idx), t), np.int32),
            "targets": np.zeros((len(idx), t), np.int32)}
-    if self.has_time:
+    if self.has_time:   # each input's time, and the time of the item it predicts
       out["timestamps"] = np.zeros((len(idx), t), np.int64)
+      out["target_times"] = np.zeros((len(idx), t), np.int64)
     for r, i in enumerate(idx):
       seq = self.example(i)
       n = seq.shape[0] - 1
       out["inputs"][r, t - n:] = seq[:-1]
       out["targets"][r, t - n:] = seq[1:]
       if self.has_time:
-        out["timestamps"][r, t - n:] = self.example_times(i)[:-1]
+        times = self.example_times(i)
+        out["timestamps"][r, t - n:] = times[:-1]
+        out["target_times"][r, t - n:] = times[1:]
     return out
 
   def tokens(self, idx: np.ndarray) -> int:
@@ -166,6 +169,7 @@ class EvalExamples:
   history: np.ndarray
   users: np.ndarray           # row index into Sequences
   timestamps: np.ndarray | None = None   # int64 [U, max_len] of the inputs, when known
+  target_time: np.ndarray | None = None  # int64 [U] of the held-out item, when known
 
   def __len__(self) -> int:
     return int(self.target.shape[0])
@@ -228,7 +232,7 @@ def eval_examples(seqs: Sequences, split: str, max_len: int, max_users: int = 0)
   if users.shape[0] == 0:
     raise DataFormatError(
         f"{seqs.source}: no user has the {MIN_EVAL_LEN} interactions leave-one-out needs")
-  inputs, target, hist, times = [], [], [], []
+  inputs, target, hist, times, target_time = [], [], [], [], []
   for u in users:
     s = seqs.user(u)
     cut = s.shape[0] - (2 if split == "valid" else 1)
@@ -237,11 +241,14 @@ def eval_examples(seqs: Sequences, split: str, max_len: int, max_users: int = 0)
     target.append(s[cut])
     hist.append(history)
     if seqs.timestamps is not None:
-      times.append(_left_pad(seqs.user_times(u)[:cut][-max_len:], max_len, np.int64))
+      stamps = seqs.user_times(u)
+      times.append(_left_pad(stamps[:cut][-max_len:], max_len, np.int64))
+      target_time.append(stamps[cut])
   h_off = np.concatenate([[0], np.cumsum([h.shape[0] for h in hist])]).astype(np.int64)
   return EvalExamples(np.stack(inputs), np.asarray(target, np.int32), h_off,
                       np.concatenate(hist).astype(np.int32), users,
-                      np.stack(times) if times else None)
+                      np.stack(times) if times else None,
+                      np.asarray(target_time, np.int64) if times else None)
 
 
 def item_popularity(seqs: Sequences) -> np.ndarray:

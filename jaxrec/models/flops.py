@@ -7,11 +7,18 @@ from __future__ import annotations
 from jaxrec.models.losses import LossConfig
 
 
-def layer_flops_per_token(d_model: int, d_ff: int, seq_len: int, mlp: str = "gelu") -> float:
-  """Forward FLOPs of one transformer layer per token: QKV + output projections,
-  the MLP, and the (dense, unmasked) attention score and value matmuls."""
-  mlp_mults = 3 if mlp == "swiglu" else 2
-  return 2.0 * (4 * d_model * d_model + mlp_mults * d_model * d_ff) + 4.0 * seq_len * d_model
+def layer_flops_per_token(cfg) -> float:
+  """Forward FLOPs of one block per token (matmuls; the attention dense over the row).
+
+  SASRec: QKV + output projections, the MLP, the score and value matmuls.
+  HSTU: the fused u/v/q/k projection, the score and value matmuls, the output
+  projection; no MLP."""
+  d, t = cfg.d_model, cfg.max_len
+  if getattr(cfg, "block", "sasrec") == "hstu":
+    h, qk, v = cfg.n_heads, cfg.qk_dim, cfg.v_dim
+    return 2.0 * (d * h * (2 * v + 2 * qk) + h * v * d) + 2.0 * t * h * (qk + v)
+  mlp_mults = 3 if cfg.mlp == "swiglu" else 2
+  return 2.0 * (4 * d * d + mlp_mults * d * cfg.d_ff) + 4.0 * t * d
 
 
 def candidates(loss: LossConfig, in_batch_tokens: int) -> int:
@@ -37,7 +44,7 @@ def head_flops_per_token(d_model: int, table_rows: int, loss: LossConfig | None 
 def model_flops(cfg, tokens: int, loss: LossConfig | None = None, in_batch_tokens: int = 0
                 ) -> float:
   """Useful FLOPs of one train step (forward + backward = 3x forward) over all devices."""
-  per_token = (cfg.n_layers * layer_flops_per_token(cfg.d_model, cfg.d_ff, cfg.max_len, cfg.mlp)
+  per_token = (cfg.n_layers * layer_flops_per_token(cfg)
                + head_flops_per_token(cfg.d_model, cfg.table_rows, loss, in_batch_tokens))
   return 3.0 * per_token * tokens
 

@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxrec.models import losses
 from jaxrec.models.embedding import ItemEmbedding, padded_table_rows
+from jaxrec.models.hstu import HSTUBlock
 from jaxrec.models.layers import ATTENTION_OUT, Block, Context, Norm, dropout
 from jaxrec.parallel import tensor
 from jaxrec.parallel.vma import make_varying, tree_varying_axes, varying_axes
@@ -52,6 +53,12 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"
   attention: str = "xla"
+  block: str = "sasrec"         # "sasrec" (softmax attention + MLP) or "hstu"
+  hstu_qk_dim: int = 0          # HSTU per-head query/key width (0: d_model / n_heads)
+  hstu_v_dim: int = 0           # HSTU per-head u/v width (0: d_model / n_heads)
+  time_bias: bool = True        # HSTU: bucketed time-gap bias (when the data has times)
+  time_buckets: int = 128
+  final_norm: bool = True       # a norm after the last block (HSTU has none)
   init_std: float = 0.02
 
   @classmethod
@@ -73,6 +80,14 @@ class ModelConfig:
   def storage_dtype(self):
     return jnp.bfloat16 if self.param_dtype == "bfloat16" else jnp.float32
 
+  @property
+  def qk_dim(self) -> int:
+    return self.hstu_qk_dim or self.d_model // self.n_heads
+
+  @property
+  def v_dim(self) -> int:
+    return self.hstu_v_dim or self.d_model // self.n_heads
+
 
 class Recommender(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -86,12 +101,16 @@ class Recommender(nnx.Module):
 
     @nnx.split_rngs(splits=cfg.n_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make_layers(rngs: nnx.Rngs) -> Block:
+    def make_layers(rngs: nnx.Rngs) -> Block | HSTUBlock:
+      if cfg.block == "hstu":
+        return HSTUBlock(cfg.d_model, cfg.n_heads, cfg.qk_dim, cfg.v_dim, cfg.max_len,
+                         cfg.time_buckets, cfg.init_std, rngs)
       return Block(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.mlp, cfg.norm,
                    cfg.positions == "rope", cfg.init_std, rngs)
 
     self.layers = make_layers(rngs)
-    self.final_norm = Norm(cfg.d_model, cfg.norm)
+    if cfg.final_norm:
+      self.final_norm = Norm(cfg.d_model, cfg.norm)
 
 
 class RecommenderFns:
@@ -108,8 +127,9 @@ class RecommenderFns:
     self._graphdefs = {
         "items": nnx.graphdef(abstract.items),
         "layers": nnx.graphdef(abstract.layers),
-        "final_norm": nnx.graphdef(abstract.final_norm),
     }
+    if cfg.final_norm:
+      self._graphdefs["final_norm"] = nnx.graphdef(abstract.final_norm)
     state = nnx.state(abstract, nnx.Param)
     self.logical_axes: Params = logical_axes_of(state)
     self.shapes: Params = jax.tree.map(
@@ -182,7 +202,15 @@ class RecommenderFns:
     """One transformer block on h; `tokens` give the (segment-)causal mask and positions."""
     block = nnx.merge(self._graphdefs["layers"], layer_params)
     mask, positions = attention_mask(tokens)
-    return block(h, mask, positions, ctx, layer_id)
+    if self.cfg.block != "hstu":
+      return block(h, mask, positions, ctx, layer_id)
+    times = None
+    if self.uses_time:
+      if "timestamps" not in tokens:
+        raise ValueError("the HSTU time bias needs per-token timestamps in the batch "
+                         "(tokens['timestamps'], tokens['target_times'])")
+      times = (tokens["target_times"], tokens["timestamps"])
+    return block(h, mask, positions, ctx, layer_id, times)
 
   def layers(self, layers_params: Params, h: jax.Array, tokens: Tokens, ctx: Context,
              layer_ids: jax.Array, active: jax.Array | None = None) -> jax.Array:
@@ -205,12 +233,14 @@ class RecommenderFns:
     return h
 
   def final_hidden(self, params: Params, h: jax.Array) -> jax.Array:
+    if not self.cfg.final_norm:
+      return h
     return nnx.merge(self._graphdefs["final_norm"], params["final_norm"])(h)
 
   @property
   def uses_time(self) -> bool:
     """Whether the model reads per-token timestamps (HSTU's time bias)."""
-    return False
+    return self.cfg.block == "hstu" and self.cfg.time_bias
 
   # --------------------------------------------------------------- item head
   def full_softmax_spec(self, table: jax.Array, ctx: Context) -> losses.FullSoftmax:
@@ -298,8 +328,8 @@ class RecommenderFns:
     small params (all but the item table), and `saved`); `head_table_grad(saved)`
     later gives the item table's gradient. The table's gradient is table-sized, so
     the pipeline forms it once per step rather than once per microbatch."""
-    h, norm_vjp = jax.vjp(lambda n, y: self.final_hidden({"final_norm": n}, y),
-                          params["final_norm"], y)
+    norm = params.get("final_norm", {})
+    h, norm_vjp = jax.vjp(lambda n, y: self.final_hidden({"final_norm": n}, y), norm, y)
     hc, tc, order = _compacted(h, targets)
     saved = {"h": hc, "targets": tc}
     if self.loss_cfg.type == "full":
@@ -321,7 +351,8 @@ class RecommenderFns:
     d_norm, d_y = norm_vjp(d_h)
     d_small = {k: jax.tree.map(jnp.zeros_like, v) for k, v in params.items()
                if k not in ("items", "final_norm", "layers")}
-    d_small["final_norm"] = d_norm
+    if "final_norm" in params:
+      d_small["final_norm"] = d_norm
     return loss, d_y, d_small, saved
 
   def head_table_grad(self, params: Params, saved: Params, ctx: Context,

@@ -6,7 +6,8 @@ per step, keyed like `hlo.bytes_by_axis` (the mesh axes a collective spans).
 
 - tensor (Megatron + vocab-parallel table): per transformer layer one all-reduce
   of the [B, T, D] activations after attention and one after the MLP, and their two
-  transposes in the backward pass; the embedding lookup's all-reduce forward and
+  transposes in the backward pass (HSTU: the output projection's and its input
+  gradient's, plus the two [B, T] statistics of its multi-head LayerNorm); the embedding lookup's all-reduce forward and
   the tied head's input-gradient all-reduce backward; three [B*T] fp32 statistics
   for the vocab-parallel softmax (max, sum of exponentials, target logit).
 - data: one all-reduce of every gradient shard (fp32), or what the compressor
@@ -46,6 +47,7 @@ class StepShape:
   act_bytes: int = FP32
   virtual_stages: int = 1
   head_spread: bool = False   # pipeline head scored by every stage (see parallel/pipeline)
+  block: str = "sasrec"       # hstu: 2 activation all-reduces per layer + 2 [B, T] statistics
 
   @property
   def local_batch(self) -> int:
@@ -73,10 +75,15 @@ def tensor_bytes(s: StepShape) -> float:
     return 0.0
   p = s.mesh.pipe
   act = s.activation_bytes
+  tokens = s.local_batch * s.seq_len
+  if s.block == "hstu":   # output projection + input-gradient; LayerNorm mean and variance
+    layers = s.n_layers / p * (2 * act + 2 * tokens * FP32)
+  else:                   # Megatron: attention and MLP, forward and backward
+    layers = 4 * s.n_layers / p * act
   if s.head_spread and p > 1:   # the head's hidden-state gradient: one all-reduce here
-    return 4 * s.n_layers / p * act + act / p + act
-  stats = 3 * s.local_batch * s.seq_len * FP32
-  return 4 * s.n_layers / p * act + (2 * act + stats) / p
+    return layers + act / p + act
+  stats = 3 * tokens * FP32
+  return layers + (2 * act + stats) / p
 
 
 def pipe_bytes(s: StepShape, shared_grad_bytes: float) -> tuple[float, float]:

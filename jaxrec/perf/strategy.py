@@ -28,7 +28,8 @@ def analytic_volumes(lay: Layout) -> tuple[dict[str, float], dict[str, float]]:
       mesh=lay.mesh, global_batch=c.train.batch_size, seq_len=c.data.max_len,
       d_model=lay.model.d_model, n_layers=lay.model.n_layers,
       act_bytes=jnp.dtype(lay.model.compute_dtype).itemsize,
-      virtual_stages=lay.stages.virtual, head_spread=lay.head_spread)
+      virtual_stages=lay.stages.virtual, head_spread=lay.head_spread,
+      block=lay.model.block)
   shared = {k: v for k, v in lay.param_shapes.items() if k != "layers"}
   shared_specs = {k: v for k, v in lay.param_specs.items() if k != "layers"}
   return analytic.analytic_bytes_by_axis(
@@ -109,8 +110,7 @@ def executed_flops(lay: Layout) -> float:
   total = lay.model_flops() + flops.head_recompute_flops(lay.model, lay.tokens, lay.loss,
                                                          lay.in_batch_tokens)
   if lay.schedule is not None and lay.config.pipeline.remat == "full":
-    total += lay.tokens * lay.model.n_layers * flops.layer_flops_per_token(
-        lay.model.d_model, lay.model.d_ff, lay.model.max_len, lay.model.mlp)
+    total += lay.tokens * lay.model.n_layers * flops.layer_flops_per_token(lay.model)
   return total / lay.mesh.num_devices
 
 

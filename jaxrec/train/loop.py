@@ -128,6 +128,12 @@ def build(config: ml_collections.ConfigDict, dataset: Dataset | None = None):
   validate(config, mesh_shape(mesh))
   dataset = dataset or load_dataset(config.data, config.eval.max_users)
   fns = RecommenderFns.from_config(config, dataset.num_items)
+  if fns.uses_time and not dataset.has_time:
+    logging.warning("model.time_bias is on but %s has no timestamps (SASRec format keeps "
+                    "only the order): the HSTU time bias is off for this run, the position "
+                    "bias stays", dataset.source)
+    config = with_overrides(config, {"model.time_bias": False})
+    fns = RecommenderFns.from_config(config, dataset.num_items)
   return mesh, dataset, fns, TrainProgram(config, fns, mesh)
 
 
@@ -413,7 +419,8 @@ def _evaluator(config, program: TrainProgram, mesh, dataset: Dataset):
   def run(state, split: str) -> dict[str, float]:
     examples = dataset.valid if split == "valid" else dataset.test
     result = evaluate(program.eval_ranks, state.params, mesh, examples,
-                      config.eval.batch_size, config.eval.exclude_history)
+                      config.eval.batch_size, config.eval.exclude_history,
+                      with_times=program.fns.uses_time)
     logging.info("%s: HR@10 %.4f NDCG@10 %.4f MRR %.4f (%d users, %.1fs)", split,
                  result["hr@10"], result["ndcg@10"], result["mrr"], result["users"],
                  result["eval_time_s"])

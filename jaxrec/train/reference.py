@@ -16,16 +16,17 @@ import jax.numpy as jnp
 import optax
 
 from jaxrec.models.recommender import RecommenderFns
-from jaxrec.train.step import loss_key, row_keys
+from jaxrec.train.step import loss_key, row_keys, token_arrays
 
 
 def loss_and_grads(fns: RecommenderFns, params: Any, batch: dict, rng: jax.Array | None = None,
                    step: int = 0) -> tuple[jax.Array, Any]:
   """Mean token loss of the whole batch and its gradient."""
-  inputs, targets = jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"])
+  inputs = {k: jnp.asarray(v) for k, v in token_arrays(batch).items()}
+  targets = jnp.asarray(batch["targets"])
   keys = None
   if rng is not None and fns.cfg.dropout > 0:
-    keys = row_keys(rng, jnp.int32(step), jnp.arange(inputs.shape[0]))
+    keys = row_keys(rng, jnp.int32(step), jnp.arange(targets.shape[0]))
   negatives = None if rng is None else loss_key(rng, jnp.int32(step))
 
   def loss_fn(p):

@@ -368,7 +368,7 @@ class TrainProgram:
     lay = self.layout
     ctx = self._ctx()
     if not lay.pipe_axis:
-      h = self.fns.last_hidden(params, batch["inputs"], ctx)
+      h = self.fns.last_hidden(params, token_arrays(batch), ctx)
       return self.fns.rank(params, h, batch["target"], batch["exclude"], ctx)
 
     head_ctx = self._ctx(axis="head")
@@ -382,7 +382,7 @@ class TrainProgram:
 
     shared = {k: v for k, v in params.items() if k != "layers"}
     result = pipeline.run(lay.eval_schedule, lay.stages, self._pieces(head), params["layers"],
-                          shared, {"inputs": mbs["inputs"]}, None,
+                          shared, token_arrays(mbs), None,
                           vary_axes=lay.data_axes, head_spread=lay.head_spread)
     return lax.psum(result.outputs, "pipe").reshape(-1)   # one stage wrote the ranks
 
@@ -395,9 +395,13 @@ class TrainProgram:
     return NamedSharding(self.mesh, batch_spec(ndim, self.shape))
 
 
+TOKEN_FIELDS = ("inputs", "segments", "timestamps", "target_times")
+
+
 def token_arrays(batch: Batch) -> dict[str, jax.Array]:
-  """The batch's per-token model inputs: item ids, and segment ids for packed rows."""
-  return {k: batch[k] for k in ("inputs", "segments") if k in batch}
+  """The batch's per-token model inputs: item ids, segment ids for packed rows, and
+  timestamps where the model reads them."""
+  return {k: batch[k] for k in TOKEN_FIELDS if k in batch}
 
 
 def _floats_as(tree: Any, dtype) -> Any:

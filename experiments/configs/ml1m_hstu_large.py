@@ -1,0 +1,14 @@
+"""MovieLens-1M, HSTU-large: configs/ml-1m/hstu-sampled-softmax-n128-large-final.gin —
+8 blocks, 2 heads of 25 (q/k and u/v), d=50; otherwise `ml1m_hstu.py`."""
+
+from experiments.configs import ml1m_hstu
+
+
+def get_config():
+  c = ml1m_hstu.get_config()
+  c.name = "ml1m_hstu_large"
+  c.model.n_layers = 8
+  c.model.n_heads = 2
+  c.model.hstu_qk_dim = 25
+  c.model.hstu_v_dim = 25
+  return c
