@@ -43,7 +43,7 @@ def main(argv):
     data = from_sequences(seqs, _MAX_LEN.value, _STRIDE.value)
     manifest = store.write(Path(_OUTPUT.value), data.train, data.valid, data.test,
                            data.num_items, data.popularity, data.description, data.source,
-                           _SHARDS.value)
+                           _SHARDS.value, data.item_ids, data.user_ids)
   print(f"{data.description} -> {manifest['windows']} training windows of up to "
         f"{manifest['max_len']} positions in {len(manifest['shards'])} shards, "
         f"{len(data.valid)} evaluation users; timestamps: {manifest['has_time']}; "

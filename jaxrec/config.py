@@ -34,6 +34,8 @@ PIPELINE_REMAT = ("none", "full")
 ATTENTIONS = ("xla", "cudnn")
 BLOCKS = ("sasrec", "hstu")
 LOSS_TYPES = ("full", "sampled")
+TABLE_SHARDINGS = ("tensor", "rows")
+TABLE_OPTIMIZERS = ("adamw", "lazy_adam", "rowwise_adagrad")
 NEGATIVES = ("uniform", "in_batch", "mixed")
 BALANCE_COSTS = ("device", "timed", "h100", "tpu_v5p", "local")
 BASELINES = ("most_popular", "none")
@@ -81,6 +83,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.time_bias = True         # HSTU: bucketed time-gap bias, where the data has times
   c.model.time_buckets = 128
   c.model.final_norm = True        # a norm after the last block (HSTU's encoder has none)
+  # Positions count from each sequence's first item ("start": appending an item keeps
+  # earlier positions, so serving can cache keys and values) or back from its last
+  # item ("end": SASRec's right-aligned rows).
+  c.model.position_origin = "start"
   c.model.init_std = 0.02
 
   c.train = ml_collections.ConfigDict()
@@ -119,6 +125,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.loss.mask_history = False   # also mask negatives that are in the row's own items
   c.loss.l2_norm = False        # sampled: L2-normalised hidden states and item rows
   c.loss.temperature = 1.0      # sampled: logits / temperature (HSTU: 0.05 with l2_norm)
+
+  c.embedding = ml_collections.ConfigDict()
+  c.embedding.sharding = "tensor"     # "rows": rows and optimizer state over data x tensor
+  c.embedding.shard_replica = False   # rows: also split over the replica axis
+  c.embedding.optimizer = "adamw"     # adamw (as the dense params) | lazy_adam | rowwise_adagrad
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
@@ -181,11 +192,33 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
   _choice(c, "model.remat", REMAT_POLICIES)
   _choice(c, "model.attention", ATTENTIONS)
   _choice(c, "model.block", BLOCKS)
+  _choice(c, "model.position_origin", ("start", "end"))
   _choice(c, "pipeline.remat", PIPELINE_REMAT)
   _choice(c, "pipeline.balance_costs", BALANCE_COSTS)
   _choice(c, "train.opt_state_dtype", DTYPES)
   _choice(c, "eval.baseline", BASELINES)
   _choice(c, "loss.type", LOSS_TYPES)
+  _choice(c, "embedding.sharding", TABLE_SHARDINGS)
+  _choice(c, "embedding.optimizer", TABLE_OPTIMIZERS)
+  if c.embedding.sharding == "rows":
+    if c.dp.mode in ("local_sgd", "diloco"):
+      raise ConfigError(
+          f"config.embedding.sharding = 'rows' keeps one copy of each row per model "
+          f"replica group; config.dp.mode = {c.dp.mode!r} keeps a copy per data replica. "
+          "Use dp.mode sync or delayed with rows, or embedding.sharding = 'tensor'")
+    if c.pipeline.head == "spread" and mesh.pipe > 1:
+      raise ConfigError("config.pipeline.head = 'spread' splits the table over pipe; with "
+                        "config.embedding.sharding = 'rows' use pipeline.head = 'last'")
+    group = mesh.data * mesh.tensor * (mesh.replica if c.embedding.shard_replica else 1)
+    if c.model.item_table_multiple % group:
+      raise ConfigError(
+          f"config.embedding.sharding = 'rows' splits the item table over {group} devices "
+          f"(data x tensor{' x replica' if c.embedding.shard_replica else ''}); "
+          f"config.model.item_table_multiple = {c.model.item_table_multiple} must be "
+          f"divisible by {group}")
+  if c.embedding.optimizer != "adamw" and c.train.optimizer != "adamw":
+    raise ConfigError(f"config.embedding.optimizer = {c.embedding.optimizer!r} needs "
+                      f"config.train.optimizer = 'adamw' (got {c.train.optimizer!r})")
   _choice(c, "loss.negatives", NEGATIVES)
   for field in ("loss.token_chunk", "loss.num_negatives"):
     if _get(c, field) <= 0:

@@ -22,12 +22,14 @@ from jaxrec.parallel import balance, device_local
 from jaxrec.parallel.compression import make_compressor
 from jaxrec.parallel.data_parallel import GradientSync
 from jaxrec.parallel.pipeline import Schedule, StageLayout, parse_layers_per_stage
-from jaxrec.partitioning import check_divisible, tree_specs
+from jaxrec.partitioning import check_divisible, rules_for, tree_specs
 
 LOCAL_MODES = ("local_sgd", "diloco")
 # Name scope of the pipeline's post-loop conditional that forms the item table's
 # gradient from the head's saved values on the last stage only.
 HEAD_TABLE_GRAD_SCOPE = "pipeline_head_table_grad"
+# ... and the one that forms the lookup's part of it on the first stage only.
+EMBED_TABLE_GRAD_SCOPE = "pipeline_embed_table_grad"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -67,11 +69,20 @@ class Layout:
     return self.data_axes + ((self.pipe_axis,) if self.pipe_axis else ())
 
   @property
-  def head_axes(self) -> str | tuple[str, ...] | None:
-    """The axes the item head reduces over: tensor, plus pipe for the spread head."""
-    axes = tuple(a for a in ("tensor", "pipe") if getattr(self.mesh, a) > 1
-                 and (a == "tensor" or self.head_spread))
-    return None if not axes else axes[0] if len(axes) == 1 else axes
+  def table_sharding(self) -> str:
+    return self.config.embedding.sharding
+
+  @property
+  def table_axes(self) -> tuple[str, ...]:
+    """The mesh axes the item table's rows are split over (size > 1 only)."""
+    spec = self.param_specs["items"]["table"][0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return axes
+
+  @property
+  def head_axes(self) -> tuple[str, ...]:
+    """The axes the item head reduces over: the table's, plus pipe for the spread head."""
+    return self.table_axes + (("pipe",) if self.head_spread else ())
 
   # ------------------------------------------------------------ amounts
   @property
@@ -114,7 +125,8 @@ class Layout:
     analytic FLOPs (what the planner uses for meshes it cannot build).
     """
     model, pcfg = fns.cfg, config.pipeline
-    specs = tree_specs(fns.logical_axes, mesh)
+    specs = tree_specs(fns.logical_axes, mesh,
+                       rules_for(config.embedding.sharding, config.embedding.shard_replica))
     pipelined = mesh.pipe > 1
     virtual = pcfg.virtual_stages if pipelined else 1
     counts = parse_layers_per_stage(pcfg.layers_per_stage) if pipelined else "uniform"
@@ -154,6 +166,7 @@ class Layout:
     weights = {losses.CHUNK_SCOPE: [1.0 - live_chunks, live_chunks]}
     if self.schedule is not None:
       weights.update(self.schedule.branch_weights())
+      weights[EMBED_TABLE_GRAD_SCOPE] = [1.0 - 1.0 / self.mesh.pipe, 1.0 / self.mesh.pipe]
       if not self.head_spread:
         weights[HEAD_TABLE_GRAD_SCOPE] = [1.0 - 1.0 / self.mesh.pipe, 1.0 / self.mesh.pipe]
     if self.stages.padded:

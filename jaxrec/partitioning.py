@@ -20,7 +20,6 @@ LogicalAxes = tuple[str | None, ...]
 # logical name -> mesh axis (or tuple of mesh axes, or None = replicated).
 RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "batch": DATA_AXES,
-    "replicas": DATA_AXES,  # per-data-replica state (error feedback, local-SGD params)
     "seq": None,
     "embed": None,
     "heads": "tensor",
@@ -28,29 +27,38 @@ RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "items": "tensor",
     "layers": "pipe",   # stacked layer slots, laid out stage-major (see parallel/pipeline)
-    "stage": "pipe",
 }
+def rules_for(table_sharding: str = "tensor", shard_replica: bool = False) -> dict:
+  """The rule table with the item rows split over `tensor` (the default), or over
+  every device that holds the head: data x tensor (and replica if asked) — the
+  table and its optimizer state then live once per model replica group."""
+  rules = dict(RULES)
+  if table_sharding == "rows":
+    rules["items"] = (*(DATA_AXES if shard_replica else ("data",)), "tensor")
+  return rules
 
 
 class PartitioningError(ValueError):
   pass
 
 
-def logical_to_spec(axes: LogicalAxes, mesh: MeshShape | None = None) -> P:
-  """Maps one array's logical axes to a PartitionSpec through RULES.
+def logical_to_spec(axes: LogicalAxes, mesh: MeshShape | None = None,
+                    rules: Mapping | None = None) -> P:
+  """Maps one array's logical axes to a PartitionSpec through the rule table.
 
   Given a mesh shape, mesh axes of size 1 are left out (replicated is the same).
   """
+  rules = RULES if rules is None else rules
   out = []
   used: set[str] = set()
   for name in axes:
     if name is None:
       out.append(None)
       continue
-    if name not in RULES:
+    if name not in rules:
       raise PartitioningError(
-          f"logical axis {name!r} has no rule; known names: {sorted(RULES)}")
-    mesh_axes = RULES[name]
+          f"logical axis {name!r} has no rule; known names: {sorted(rules)}")
+    mesh_axes = rules[name]
     flat = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
     if used.intersection(flat):
       raise PartitioningError(f"logical axes {axes} map two dims onto mesh axes {flat}")
@@ -62,9 +70,11 @@ def logical_to_spec(axes: LogicalAxes, mesh: MeshShape | None = None) -> P:
   return P(*out)
 
 
-def tree_specs(logical_tree: Any, mesh: MeshShape | None = None) -> Any:
+def tree_specs(logical_tree: Any, mesh: MeshShape | None = None,
+               rules: Mapping | None = None) -> Any:
   """Tree of logical-axes tuples -> tree of PartitionSpecs (size-1 axes dropped)."""
-  return jax.tree.map(lambda a: logical_to_spec(a, mesh), logical_tree, is_leaf=_is_axes)
+  return jax.tree.map(lambda a: logical_to_spec(a, mesh, rules), logical_tree,
+                      is_leaf=_is_axes)
 
 
 def tree_shardings(mesh: Mesh, specs: Any) -> Any:

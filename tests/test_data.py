@@ -224,9 +224,10 @@ def test_prepared_data_errors_name_the_bad_part(tmp_path):
                           "data.max_len": 8})
   data = load_dataset(config.data)
   args = (data.train, data.valid, data.test, data.num_items, data.popularity, "d", "s")
+  ids = {"item_ids": data.item_ids, "user_ids": data.user_ids}
   with pytest.raises(ValueError, match="would leave shards empty"):
-    store.write(tmp_path / "x", *args, shards=len(data.train) + 1)
-  store.write(tmp_path / "ok", *args, shards=3)
+    store.write(tmp_path / "x", *args, shards=len(data.train) + 1, **ids)
+  store.write(tmp_path / "ok", *args, shards=3, **ids)
   config.data.path = str(tmp_path / "ok")
   config.data.max_len = 9
   with pytest.raises(DataFormatError, match="prepared with max_len 8"):
@@ -235,7 +236,7 @@ def test_prepared_data_errors_name_the_bad_part(tmp_path):
   (tmp_path / "ok" / "train-00001-of-00003.array_record").write_bytes(b"")
   with pytest.raises(DataFormatError, match="shard train-00001-of-00003.array_record is empty"):
     load_dataset(config.data)
-  store.write(tmp_path / "bad", *args, shards=2)
+  store.write(tmp_path / "bad", *args, shards=2, **ids)
   test = dict(np.load(tmp_path / "bad" / "test.npz"))
   test["target"][0] = data.num_items + 5
   np.savez(tmp_path / "bad" / "test.npz", **test)

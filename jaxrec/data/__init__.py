@@ -29,6 +29,8 @@ class Dataset:
   description: str
   source: str
   has_time: bool            # real timestamps (MovieLens files), not only an order
+  item_ids: np.ndarray      # original item id per internal id (index 0: padding)
+  user_ids: np.ndarray      # original user id per sequence (EvalExamples.users index it)
 
 
 def from_sequences(seqs: Sequences, max_len: int, window_stride: int = 0,
@@ -39,7 +41,7 @@ def from_sequences(seqs: Sequences, max_len: int, window_stride: int = 0,
       test=eval_examples(seqs, "test", max_len, eval_max_users),
       num_items=seqs.num_items, popularity=item_popularity(seqs),
       description=seqs.describe(), source=seqs.source,
-      has_time=seqs.timestamps is not None)
+      has_time=seqs.timestamps is not None, item_ids=seqs.item_ids, user_ids=seqs.user_ids)
 
 
 def load_dataset(data: ml_collections.ConfigDict, eval_max_users: int = 0) -> Dataset:

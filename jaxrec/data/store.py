@@ -39,7 +39,7 @@ def is_prepared(path: str | Path) -> bool:
 
 def write(out: Path, train: TrainExamples, valid: EvalExamples, test: EvalExamples,
           num_items: int, popularity: np.ndarray, description: str, source: str,
-          shards: int) -> dict:
+          shards: int, item_ids: np.ndarray, user_ids: np.ndarray) -> dict:
   """Writes a prepared dataset; returns its manifest."""
   if shards < 1:
     raise ValueError(f"--shards = {shards} must be >= 1")
@@ -61,6 +61,8 @@ def write(out: Path, train: TrainExamples, valid: EvalExamples, test: EvalExampl
     files.append({"file": name, "windows": int(bounds[s + 1] - bounds[s])})
   np.save(out / "train_lengths.npy", np.diff(train.offsets).astype(np.int32))
   np.save(out / "popularity.npy", popularity.astype(np.int64))
+  np.save(out / "item_ids.npy", np.asarray(item_ids, np.int64))
+  np.save(out / "user_ids.npy", np.asarray(user_ids, np.int64))
   for name, ex in (("valid", valid), ("test", test)):
     arrays = {f.name: getattr(ex, f.name) for f in dataclasses.fields(ex)
               if getattr(ex, f.name) is not None}
@@ -132,4 +134,5 @@ def read(root: str | Path) -> dict:
   return {"train": train, "valid": evals["valid"], "test": evals["test"],
           "num_items": num_items, "popularity": np.load(root / "popularity.npy"),
           "description": manifest["description"], "source": f"{root} (prepared)",
-          "has_time": manifest["has_time"]}
+          "has_time": manifest["has_time"], "item_ids": np.load(root / "item_ids.npy"),
+          "user_ids": np.load(root / "user_ids.npy")}

@@ -1,10 +1,21 @@
 """The item table: vocab-parallel lookup and full-catalogue ranking, tile by tile.
 
-In a recommender the item catalogue is the big matrix. Its rows are split over
-the tensor axis (or tensor x pipe for the spread head); no function here ever
+In a recommender the item catalogue is the big matrix. Its rows are split over the
+context's item axes: tensor (the default), tensor x pipe for the spread head, or data
+x tensor (`embedding.sharding = rows`: ZeRO for the table). No function here ever
 materialises the whole table or a [tokens, items] score matrix on one device:
 ranking and top-k walk the shard's rows in tiles (the losses in models/losses.py do
-the same). Row 0 is padding and rows past the catalogue are padding too (the table
+the same).
+
+Where the rows are split over data axes too, a device's tokens are not the other
+data replicas' tokens, so they meet the table in two ways:
+  lookup  de-duplicate the ids, all-gather them over data, every shard fills in the
+          rows it owns, a reduce-scatter over data returns each device its rows (and
+          a sum over tensor). Its transpose is the sparse gradient exchange: the
+          looked-up rows' gradients are all-gathered over data — (unique ids, rows),
+          bytes in proportion to the ids, never a dense all-reduce of the table.
+  score   (losses, ranking) the hidden states are all-gathered over data, every
+          shard scores them against its rows, and each device keeps its own. Row 0 is padding and rows past the catalogue are padding too (the table
 is padded to a fixed multiple so its shape does not depend on the mesh); neither
 can be a target or win a ranking.
 """
@@ -24,6 +35,9 @@ from jaxrec.parallel.vma import make_varying, varying_axes
 
 NEG = -1e30
 RANK_TILE = 4096    # items scored per tile when ranking / taking top-k
+# Name scope of the rows-sharded lookup's exchange over data (and, by transposition,
+# of the sparse row-gradient exchange): the HLO accounting reports it on its own line.
+TABLE_EXCHANGE_SCOPE = "table_rows_exchange"
 
 
 def padded_table_rows(num_items: int, multiple: int) -> int:
@@ -42,19 +56,33 @@ class ItemEmbedding(nnx.Module):
 
   def _local(self, ctx: Context):
     table = self.table[...]
-    start = tensor.shard_offset(table.shape[0], ctx.tensor_axis)
+    start = tensor.shard_offset(table.shape[0], ctx.item_axes)
     ids = start + jnp.arange(table.shape[0])
     valid = (ids >= 1) & (ids <= self.num_items)
     return table, start, valid
 
-  def lookup(self, ids: jax.Array, ctx: Context) -> jax.Array:
-    """Embeds ids [...]: each shard contributes its rows, one all-reduce joins them."""
+  def _owned_rows(self, ids: jax.Array, ctx: Context) -> jax.Array:
+    """This shard's rows of `ids` [...] (zeros for ids another shard holds)."""
     table, start, _ = self._local(ctx)
     local = ids - start
     inside = (local >= 0) & (local < table.shape[0])
     rows = jnp.take(table, jnp.where(inside, local, 0), axis=0)
-    rows = jnp.where(inside[..., None], rows, 0).astype(ctx.dtype)
-    return tensor.all_reduce(rows, ctx.tensor_axis)
+    return jnp.where(inside[..., None], rows, 0).astype(ctx.dtype)
+
+  def lookup(self, ids: jax.Array, ctx: Context) -> jax.Array:
+    """Embeds ids [...]: each shard contributes its rows, one all-reduce joins them
+    (rows sharding: de-duplicated ids gathered over data, rows reduce-scattered)."""
+    data = ctx.token_axes
+    if not data:
+      return tensor.all_reduce(self._owned_rows(ids, ctx), ctx.item_axes)
+    flat = ids.reshape(-1)
+    unique, inverse = jnp.unique(flat, size=flat.shape[0], fill_value=0, return_inverse=True)
+    with jax.named_scope(TABLE_EXCHANGE_SCOPE):
+      wanted = lax.all_gather(unique, data, tiled=True)
+      rows = lax.psum_scatter(self._owned_rows(wanted, ctx), data, scatter_dimension=0,
+                              tiled=True)
+    rows = tensor.all_reduce(rows, tuple(a for a in ctx.item_axes if a not in data))
+    return rows[inverse.reshape(-1)].reshape(*ids.shape, rows.shape[-1])
 
   def local_logits(self, h: jax.Array, ctx: Context) -> jax.Array:
     """Scores of this shard's items [N, local_rows] in fp32; padding rows at -1e30.
@@ -96,6 +124,11 @@ class ItemEmbedding(nnx.Module):
 
   def target_rank(self, h: jax.Array, target: jax.Array, exclude: jax.Array,
                   ctx: Context, normalize: bool = False) -> jax.Array:
+    return per_device(lambda h, t, e: self._target_rank(h, t, e, ctx, normalize), ctx,
+                      h, target, exclude)
+
+  def _target_rank(self, h: jax.Array, target: jax.Array, exclude: jax.Array,
+                   ctx: Context, normalize: bool = False) -> jax.Array:
     """0-based rank of `target` among all items for rows of h [N, D].
 
     Items in `exclude` [N, H] (the user's history; 0 = none) are removed unless they
@@ -114,7 +147,7 @@ class ItemEmbedding(nnx.Module):
 
     t_score, _ = lax.scan(target_score, make_varying(jnp.full(h.shape[:1], NEG), vary),
                           jnp.arange(n_tiles))
-    t_score = tensor.all_max(t_score, ctx.tensor_axis)
+    t_score = tensor.all_max(t_score, ctx.item_axes)
 
     def count(acc, k):
       ids, s = scores_of(k)
@@ -124,10 +157,14 @@ class ItemEmbedding(nnx.Module):
 
     zero = make_varying(jnp.zeros(h.shape[:1], jnp.int32), vary)
     local_count, _ = lax.scan(count, zero, jnp.arange(n_tiles))
-    return tensor.all_reduce(local_count, ctx.tensor_axis)
+    return tensor.all_reduce(local_count, ctx.item_axes)
 
   def top_k(self, h: jax.Array, k: int, exclude: jax.Array, ctx: Context,
             normalize: bool = False):
+    return per_device(lambda h, e: self._top_k(h, k, e, ctx, normalize), ctx, h, exclude)
+
+  def _top_k(self, h: jax.Array, k: int, exclude: jax.Array, ctx: Context,
+             normalize: bool = False):
     """Top-k item ids and scores over the whole catalogue: a running top-k over this
     shard's tiles, then an all-gather of k candidates per shard and a final top-k."""
     scores_of, n_tiles = self._tiles(h, exclude, jnp.zeros(exclude.shape, bool), ctx,
@@ -147,8 +184,22 @@ class ItemEmbedding(nnx.Module):
     init = make_varying((jnp.full((h.shape[0], k_local), NEG, jnp.float32),
                          jnp.zeros((h.shape[0], k_local), jnp.int32)), vary)
     (vals, ids), _ = lax.scan(merge, init, jnp.arange(n_tiles))
-    if ctx.tensor_axis is not None:
-      vals = lax.all_gather(vals, ctx.tensor_axis, axis=1, tiled=True, to="invarying")
-      ids = lax.all_gather(ids, ctx.tensor_axis, axis=1, tiled=True, to="invarying")
+    if ctx.item_axes:
+      vals = lax.all_gather(vals, ctx.item_axes, axis=1, tiled=True, to="invarying")
+      ids = lax.all_gather(ids, ctx.item_axes, axis=1, tiled=True, to="invarying")
     vals, pos = lax.top_k(vals, min(k, vals.shape[-1]))
     return jnp.take_along_axis(ids, pos, -1), vals
+
+
+def per_device(fn, ctx: Context, *rows: jax.Array):
+  """fn over rows [N, ...] of this device, whatever the table sharding: where the
+  table's rows are split over data axes, every data replica's rows are gathered
+  first (each shard must score them all) and this device keeps its own results."""
+  data = ctx.token_axes
+  if not data:
+    return fn(*rows)
+  n = rows[0].shape[0]
+  gathered = [lax.all_gather(r, data, tiled=True, to="invarying") for r in rows]
+  out = fn(*gathered)
+  me = tensor.axis_index(data)
+  return jax.tree.map(lambda o: lax.dynamic_slice_in_dim(o, me * n, n, 0), out)

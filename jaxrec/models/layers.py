@@ -32,6 +32,19 @@ class Context:
   loss_key: jax.Array | None = None   # the step's key for sampled negatives (same everywhere)
   attention: str | None = "xla"       # jax.nn.dot_product_attention implementation
   batch_axes: tuple[str, ...] = ()    # the data axes (in-batch negatives gather over them)
+  table_axes: str | tuple[str, ...] | None = None   # the item table's rows' axes (None: tensor_axis)
+
+  @property
+  def item_axes(self) -> tuple[str, ...]:
+    """The axes the item table's rows are split over (vocab-parallel reductions)."""
+    axes = self.tensor_axis if self.table_axes is None else self.table_axes
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+  @property
+  def token_axes(self) -> tuple[str, ...]:
+    """Item axes the tokens differ over (rows sharding): tokens meet the table there
+    by all-gathers."""
+    return tuple(a for a in self.item_axes if a in self.batch_axes)
 
   @property
   def train(self) -> bool:

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax import lax
 
 from jaxrec.models import losses
-from jaxrec.models.embedding import ItemEmbedding, padded_table_rows
+from jaxrec.models.embedding import ItemEmbedding, padded_table_rows, per_device
 from jaxrec.models.hstu import HSTUBlock
 from jaxrec.models.layers import ATTENTION_OUT, Block, Context, Norm, dropout
 from jaxrec.parallel import tensor
@@ -59,6 +60,7 @@ class ModelConfig:
   time_bias: bool = True        # HSTU: bucketed time-gap bias (when the data has times)
   time_buckets: int = 128
   final_norm: bool = True       # a norm after the last block (HSTU has none)
+  position_origin: str = "start"  # positions count from a sequence's first item, or "end"
   init_std: float = 0.02
 
   @classmethod
@@ -153,11 +155,12 @@ class RecommenderFns:
 
   def context(self, tensor_axis: str | tuple[str, ...] | None = None,
               row_keys: jax.Array | None = None, dropout_rate: float | None = None,
-              loss_key: jax.Array | None = None, batch_axes: tuple[str, ...] = ()) -> Context:
+              loss_key: jax.Array | None = None, batch_axes: tuple[str, ...] = (),
+              table_axes: tuple[str, ...] | None = None) -> Context:
     return Context(tensor_axis=tensor_axis,
                    dropout_rate=self.cfg.dropout if dropout_rate is None else dropout_rate,
                    row_keys=row_keys, dtype=self.cfg.compute_dtype, loss_key=loss_key,
-                   batch_axes=batch_axes, attention=self.cfg.attention)
+                   batch_axes=batch_axes, attention=self.cfg.attention, table_axes=table_axes)
 
   # ------------------------------------------------------------------- pieces
   def item_table(self, params: Params) -> ItemEmbedding:
@@ -182,26 +185,19 @@ class RecommenderFns:
     if self.cfg.embed_scale:
       h = h * jnp.asarray(self.cfg.d_model ** 0.5, h.dtype)
     if "pos" in params:
-      _, positions = attention_mask(tokens)
+      origin = self.cfg.position_origin
+      _, positions = attention_mask(tokens, origin)
       pos = params["pos"]
-      h = h + jnp.take(pos, positions + (pos.shape[0] - positions.shape[1]), axis=0).astype(h.dtype)
+      if origin == "end":   # the last item uses the last row whatever the row width
+        positions = positions + (pos.shape[0] - positions.shape[1])
+      h = h + jnp.take(pos, positions, axis=0).astype(h.dtype)
     return dropout(h, ctx, 0)
-
-  def scatter_item_grads(self, table_grad: jax.Array, inputs: jax.Array, d_rows: jax.Array,
-                         ctx: Context) -> jax.Array:
-    """table_grad (this device's shard) += the lookup's gradient, touching only the
-    looked-up rows (the transpose of `ItemEmbedding.lookup`)."""
-    start = tensor.shard_offset(table_grad.shape[0], ctx.tensor_axis)
-    local = inputs - start
-    inside = (local >= 0) & (local < table_grad.shape[0])
-    rows = jnp.where(inside, local, table_grad.shape[0])
-    return table_grad.at[rows].add(d_rows.astype(table_grad.dtype), mode="drop")
 
   def layer(self, layer_params: Params, h: jax.Array, tokens: Tokens, ctx: Context,
             layer_id: jax.Array | int) -> jax.Array:
     """One transformer block on h; `tokens` give the (segment-)causal mask and positions."""
-    block = nnx.merge(self._graphdefs["layers"], layer_params)
-    mask, positions = attention_mask(tokens)
+    block = self.block(layer_params)
+    mask, positions = attention_mask(tokens, self.cfg.position_origin)
     if self.cfg.block != "hstu":
       return block(h, mask, positions, ctx, layer_id)
     times = None
@@ -211,6 +207,10 @@ class RecommenderFns:
                          "(tokens['timestamps'], tokens['target_times'])")
       times = (tokens["target_times"], tokens["timestamps"])
     return block(h, mask, positions, ctx, layer_id, times)
+
+  def block(self, layer_params: Params) -> Block | HSTUBlock:
+    """One layer's module over its params (one slice of the stacked layers)."""
+    return nnx.merge(self._graphdefs["layers"], layer_params)
 
   def layers(self, layers_params: Params, h: jax.Array, tokens: Tokens, ctx: Context,
              layer_ids: jax.Array, active: jax.Array | None = None) -> jax.Array:
@@ -244,7 +244,7 @@ class RecommenderFns:
 
   # --------------------------------------------------------------- item head
   def full_softmax_spec(self, table: jax.Array, ctx: Context) -> losses.FullSoftmax:
-    return losses.FullSoftmax(num_items=self.cfg.num_items, axes=ctx.tensor_axis,
+    return losses.FullSoftmax(num_items=self.cfg.num_items, axes=ctx.item_axes or None,
                               tile=self.loss_cfg.tile(table.shape[0]),
                               chunk=self.loss_cfg.token_chunk)
 
@@ -303,7 +303,8 @@ class RecommenderFns:
     `tokens`, `width` = T); 0 where the target is padding."""
     if self.loss_cfg.type == "full":
       table = params["items"]["table"]
-      return losses.full_softmax(h, targets, table, self.full_softmax_spec(table, ctx))
+      spec = self.full_softmax_spec(table, ctx)
+      return per_device(lambda h, t: losses.full_softmax(h, t, table, spec), ctx, h, targets)
     tokens = as_tokens(tokens)
     if order is None:
       order = jnp.arange(targets.shape[0])
@@ -334,9 +335,17 @@ class RecommenderFns:
     saved = {"h": hc, "targets": tc}
     if self.loss_cfg.type == "full":
       table = params["items"]["table"]
-      per_token, d_hc, lse = losses.full_softmax_forward(
-          hc, tc, table, self.full_softmax_spec(table, ctx))
-      saved["lse"] = lse
+      spec = self.full_softmax_spec(table, ctx)
+      h_all, t_all = hc, tc
+      if ctx.token_axes:   # rows sharding: every shard scores every data replica's tokens
+        h_all, t_all = (lax.all_gather(x, ctx.token_axes, tiled=True, to="invarying")
+                        for x in (hc, tc))
+      per_token, d_hc, lse = losses.full_softmax_forward(h_all, t_all, table, spec)
+      saved = {"h": h_all, "targets": t_all, "lse": lse}
+      if ctx.token_axes:   # keep this device's tokens
+        start = tensor.axis_index(ctx.token_axes) * hc.shape[0]
+        per_token, d_hc = (lax.dynamic_slice_in_dim(x, start, hc.shape[0], 0)
+                           for x in (per_token, d_hc))
     else:
       tokens = as_tokens(tokens)
       width = targets.shape[1]
@@ -453,12 +462,14 @@ def segment_ids(tokens: Tokens) -> jax.Array:
   return (tokens["inputs"] > 0).astype(jnp.int32)
 
 
-def attention_mask(tokens: Tokens) -> tuple[jax.Array, jax.Array]:
+def attention_mask(tokens: Tokens, origin: str = "start") -> tuple[jax.Array, jax.Array]:
   """Causal mask within each segment [B, T, T], and per-token positions [B, T].
 
-  Positions count back from the segment's last item (which is at T - 1): a packed
-  segment gets the positions it would have alone in a left-padded row. A padding
-  query keeps its own key so its (ignored) attention stays finite.
+  Positions count from the segment's first item (`origin="start"`: 0, 1, ..., so
+  appending an item leaves every earlier position — and a KV cache — valid) or back
+  from its last item, which then sits at T - 1 (`"end"`, SASRec's right-aligned
+  rows). Either way a packed segment gets the positions it would have alone. A
+  padding query keeps its own key so its (ignored) attention stays finite.
   """
   seg = segment_ids(tokens)
   t = seg.shape[1]
@@ -466,6 +477,10 @@ def attention_mask(tokens: Tokens) -> tuple[jax.Array, jax.Array]:
   causal = idx[None, :] <= idx[:, None]
   same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
   mask = (causal[None] & same) | ((seg == 0)[:, :, None] & jnp.eye(t, dtype=bool)[None])
+  if origin == "start":
+    first = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], 1)
+    begin = jax.lax.cummax(jnp.where(first, idx[None], 0), axis=1)
+    return mask, jnp.where(seg > 0, idx[None] - begin, 0)
   last = jnp.concatenate([seg[:, 1:] != seg[:, :-1], jnp.ones_like(seg[:, :1], bool)], 1)
   end = jax.lax.cummin(jnp.where(last, idx[None], t), axis=1, reverse=True)
   positions = jnp.where(seg > 0, (t - 1) - (end - idx[None]), 0)

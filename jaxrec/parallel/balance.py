@@ -235,11 +235,12 @@ def measure(fns, mesh, config, hardware: Hardware | None = None, timed: bool = F
   def embed_bwd(acc, sp, i):
     # as the pipeline does it: back-propagate to the looked-up rows and scatter-add
     # them into the table's running gradient in place (touching only those rows)
-    rows = fns.lookup(sp, i, ctx)
+    rows, lookup_vjp = jax.vjp(lambda t: fns.lookup({"items": {"table": t}}, i, ctx),
+                               sp["items"]["table"])
     other = {k: v for k, v in sp.items() if k != "items"}
     y, vjp = jax.vjp(lambda o, r: fns.embed_rows({**sp, **o}, r, i, ctx), other, rows)
     d_other, d_rows = vjp(jnp.ones_like(y))
-    table = fns.scatter_item_grads(acc["items"]["table"], i, d_rows, ctx)
+    table = acc["items"]["table"] + lookup_vjp(d_rows)[0]
     return {**jax.tree.map(jnp.add, {k: acc[k] for k in other}, d_other),
             "items": {"table": table}}
 

@@ -81,6 +81,10 @@ class GradientSync:
     # per leaf: (local shape, mesh axes its per-device state differs over)
     self.leaves = [(shape, device_local.leaf_axes(spec, self.data_axes))
                    for shape, spec in zip(shapes, specs)]
+    # A leaf split over data axes (the rows-sharded item table) is not replicated
+    # there: its gradient arrives whole on its owner (the lookup's sparse exchange),
+    # so nothing of it crosses those axes here.
+    self.owned = [bool(spec_mesh_axes(spec) & set(self.data_axes)) for spec in specs]
 
   def compressor_for(self, shape: tuple[int, ...]) -> Compressor:
     """Small tensors (norm scales, biases) go uncompressed."""
@@ -99,23 +103,30 @@ class GradientSync:
     return (collectives.chunk_len(math.prod(shape), self.mesh.data),)
 
   # ------------------------------------------------------------------ state
-  def _leaf_state(self, shape):
+  def _leaf_state(self, shape, owned: bool = False):
+    if owned:
+      return {}
     return self.compressor_for(shape).state_shapes(self._compressed_shape(shape), self.group)
 
   def state_shapes(self) -> Any:
     """Per-leaf dict of (global device-local shape, dtype)."""
     return self.treedef.unflatten([
         {k: (device_local.global_shape(self.mesh, s, axes), d)
-         for k, (s, d) in self._leaf_state(shape).items()} for shape, axes in self.leaves])
+         for k, (s, d) in self._leaf_state(shape, owned).items()}
+        for (shape, axes), owned in zip(self.leaves, self.owned)])
 
   def state_specs(self) -> Any:
     return self.treedef.unflatten([
         {k: device_local.spec(self.mesh, len(s), axes)
-         for k, (s, _) in self._leaf_state(shape).items()} for shape, axes in self.leaves])
+         for k, (s, _) in self._leaf_state(shape, owned).items()}
+        for (shape, axes), owned in zip(self.leaves, self.owned)])
 
   def init_state(self, key: jax.Array) -> Any:
     states = []
     for i, (shape, axes) in enumerate(self.leaves):
+      if self.owned[i]:
+        states.append({})
+        continue
       local = self.compressor_for(shape).init_state(
           self._compressed_shape(shape), self.group, jax.random.fold_in(key, i))
       states.append({k: device_local.broadcast(self.mesh, v, axes) for k, v in local.items()})
@@ -156,7 +167,9 @@ class GradientSync:
       acc[1] += wire
 
     d = self.mesh.data
-    for shape, _ in self.leaves:
+    for (shape, _), owned in zip(self.leaves, self.owned):
+      if owned:
+        continue
       compressor = self.compressor_for(shape)
       if self.inner:  # fp32 reduce-scatter + all-gather over data, compressed chunk across
         padded = 4.0 * d * collectives.chunk_len(math.prod(shape), d)
@@ -177,6 +190,10 @@ class GradientSync:
     states = self.treedef.flatten_up_to(state)
     out, new_states = [], []
     for i, (g, st, (shape, axes)) in enumerate(zip(leaves, states, self.leaves)):
+      if self.owned[i]:
+        out.append(g.astype(jnp.float32))
+        new_states.append(st)
+        continue
       compressor = self.compressor_for(shape)
       local_state = {k: device_local.unwrap(v, axes) for k, v in st.items()}
       leaf_key = None if key is None else jax.random.fold_in(key, i)

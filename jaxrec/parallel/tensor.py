@@ -12,27 +12,41 @@ forward and one backward for attention, and the same for the MLP.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-AxisName = str | None
+AxisName = str | tuple[str, ...] | None
+
+
+def _named(axis: AxisName) -> AxisName:
+  """None for no axis (None or an empty tuple)."""
+  return None if axis is None or axis == () else axis
 
 
 def axis_index(axis: AxisName) -> jax.Array:
+  """This device's index over `axis` (a tuple: row-major over the axes in order)."""
+  axis = _named(axis)
   return jnp.int32(0) if axis is None else lax.axis_index(axis)
 
 
 def axis_size(axis: AxisName) -> int:
-  return 1 if axis is None else lax.axis_size(axis)
+  axis = _named(axis)
+  if axis is None:
+    return 1
+  return lax.axis_size(axis) if isinstance(axis, str) else math.prod(lax.axis_size(a) for a in axis)
 
 
 def all_reduce(x: jax.Array, axis: AxisName) -> jax.Array:
   """Sum over the tensor group (the forward of a row-parallel layer)."""
+  axis = _named(axis)
   return x if axis is None else lax.psum(x, axis)
 
 
 def all_max(x: jax.Array, axis: AxisName) -> jax.Array:
+  axis = _named(axis)
   return x if axis is None else lax.pmax(x, axis)
 
 

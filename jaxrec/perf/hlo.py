@@ -377,9 +377,10 @@ def memory_stats(compiled) -> dict[str, int]:
   return stats
 
 
-def analyze(compiled, mesh: Mesh,
-            branch_weights: dict[str, list[float]] | None = None) -> dict[str, Any]:
-  """Per-(average-)device accounting of one compiled step."""
+def analyze(compiled, mesh: Mesh, branch_weights: dict[str, list[float]] | None = None,
+            scopes: Iterable[str] = ()) -> dict[str, Any]:
+  """Per-(average-)device accounting of one compiled step; `scopes`: name scopes whose
+  collectives' wire bytes are also reported on their own (forward and transposed)."""
   text = compiled.as_text()
   colls = collectives(text, mesh, branch_weights)
   cost = compiled.cost_analysis() or {}
@@ -391,6 +392,8 @@ def analyze(compiled, mesh: Mesh,
       "bytes_by_axis": bytes_by_axis(colls),
       "wire_bytes_by_axis": bytes_by_axis(colls, wire=True),
       "unweighted_conditionals": any(c.in_conditional for c in colls),
+      "wire_bytes_by_scope": {s: sum(c.wire_bytes for c in colls if s in c.op_name)
+                              for s in scopes},
       "flops": dot_flops(text, branch_weights),
       "xla_cost_analysis_flops": float(cost.get("flops", 0.0)),
       "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0)),

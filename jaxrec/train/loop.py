@@ -139,6 +139,7 @@ def build(config: ml_collections.ConfigDict, dataset: Dataset | None = None):
 
 def checkpoint_meta(program: TrainProgram, step: int) -> dict[str, Any]:
   return {"data_position": step, "config": program.config.to_json(),
+          "num_items": program.fns.cfg.num_items,
           "mesh": str(program.shape), "param_shapes": param_shapes(program.fns.shapes),
           "layers_per_stage": list(program.layout.stages.layers_per_stage),
           "head": "spread" if program.layout.head_spread else "last"}
@@ -149,6 +150,15 @@ def restore(ckpt: Checkpointer, step: int, program: TrainProgram):
   meta = ckpt.read_meta(step)
   check_compatible(meta.get("param_shapes", {}), param_shapes(program.fns.shapes),
                    ckpt.directory / str(step))
+  saved_model = json.loads(meta["config"]).get("model", {}) if "config" in meta else {}
+  # params of the same shapes that mean something else: refuse rather than mislearn
+  for field, before in (("position_origin", "end"), ("block", "sasrec")):
+    was, now = saved_model.get(field, before), getattr(program.fns.cfg, field)
+    if "config" in meta and was != now:
+      raise CheckpointMismatchError(
+          f"checkpoint {ckpt.directory / str(step)} was trained with model.{field} = "
+          f"{was!r}; this run has {now!r}. Resume with --config.model.{field}={was} or "
+          "use a fresh --workdir")
   old = remesh.saved_program(program, meta)
   if remesh.same_layout(program, old):
     return ckpt.restore(step, program.abstract_state())

@@ -39,12 +39,14 @@ def lr_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def optimizer(train: ml_collections.ConfigDict, logical_axes: Any,
-              param_dtype: str = "float32") -> optax.GradientTransformation:
+              param_dtype: str = "float32",
+              table_optimizer: str = "adamw") -> optax.GradientTransformation:
   """AdamW (decay on params with >= 2 non-layer logical axes), or plain SGD, under the
   precision policy: Adam's moments stored in `train.opt_state_dtype`, and with bf16
   params an fp32 master copy in the optimizer state (`train.master_weights`), the
   stored params being its rounding (Levanter/jmp-style: storage, compute and
-  optimizer dtypes chosen separately)."""
+  optimizer dtypes chosen separately). The item table may have its own sparse
+  optimizer (`embedding.optimizer`): lazy Adam or row-wise Adagrad."""
   if train.optimizer == "sgd":
     tx = optax.sgd(lr_schedule(train))
   else:
@@ -52,11 +54,87 @@ def optimizer(train: ml_collections.ConfigDict, logical_axes: Any,
                         logical_axes, is_leaf=lambda x: isinstance(x, tuple))
     tx = optax.adamw(lr_schedule(train), b1=train.b1, b2=train.b2, eps=1e-8,
                      weight_decay=train.weight_decay, mask=mask)
+    if table_optimizer != "adamw":
+      table = (lazy_adam(lr_schedule(train), train.b1, train.b2, 1e-8, train.weight_decay)
+               if table_optimizer == "lazy_adam" else rowwise_adagrad(lr_schedule(train)))
+      labels = jax.tree_util.tree_map_with_path(
+          lambda path, _: "table" if _is_table(path) else "dense", logical_axes,
+          is_leaf=lambda x: isinstance(x, tuple))
+      tx = optax.multi_transform({"table": table, "dense": tx}, labels)
   if train.get("opt_state_dtype", "float32") != "float32":
     tx = stored_as(tx, jnp.dtype(train.opt_state_dtype))
   if param_dtype != "float32" and train.get("master_weights", True):
     tx = with_master_weights(tx)
   return tx
+
+
+def _is_table(path) -> bool:
+  return [getattr(k, "key", None) for k in path] == ["items", "table"]
+
+
+def _touched(g: jax.Array) -> jax.Array:
+  """[R, 1]: rows whose gradient is not all zero (the rows a batch looked up)."""
+  return jnp.any(g != 0, axis=-1, keepdims=True)
+
+
+class LazyAdamState(NamedTuple):
+  count: jax.Array
+  mu: Any
+  nu: Any
+
+
+def lazy_adam(lr: optax.Schedule, b1: float, b2: float, eps: float,
+              weight_decay: float) -> optax.GradientTransformation:
+  """Adam whose moments, update and decoupled weight decay touch only the rows with
+  a gradient this step (TF's LazyAdam; bias correction by the global step): rows no
+  batch looked up keep their values and moments exactly."""
+  def init(params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return LazyAdamState(jnp.zeros((), jnp.int32), zeros, zeros)
+
+  def update(grads, state, params):
+    count = state.count + 1
+    rate = lr(state.count)
+
+    def leaf(g, m, v, p):
+      on = _touched(g)
+      m = jnp.where(on, b1 * m + (1 - b1) * g, m)
+      v = jnp.where(on, b2 * v + (1 - b2) * g * g, v)
+      m_hat = m / (1 - b1 ** count.astype(jnp.float32))
+      v_hat = v / (1 - b2 ** count.astype(jnp.float32))
+      u = -rate * (m_hat / (jnp.sqrt(v_hat) + eps) + weight_decay * p)
+      return jnp.where(on, u, 0.0).astype(p.dtype), m, v
+
+    flat, treedef = jax.tree.flatten(grads)
+    out = [leaf(*args) for args in zip(flat, *(treedef.flatten_up_to(t)
+                                               for t in (state.mu, state.nu, params)))]
+    updates, mu, nu = (treedef.unflatten([o[i] for o in out]) for i in range(3))
+    return updates, LazyAdamState(count, mu, nu)
+
+  return optax.GradientTransformation(init, update)
+
+
+class RowwiseAdagradState(NamedTuple):
+  sum_sq: Any   # [R, 1] per leaf: one accumulator per row
+
+
+def rowwise_adagrad(lr: optax.Schedule, eps: float = 1e-8) -> optax.GradientTransformation:
+  """Row-wise Adagrad (FBGEMM / TorchRec, HSTU's DLRM-v3 tables): one accumulator per
+  row, the mean squared gradient of the row added each step it is touched."""
+  def init(params):
+    return RowwiseAdagradState(jax.tree.map(lambda p: jnp.zeros((p.shape[0], 1), p.dtype),
+                                            params)), jnp.zeros((), jnp.int32)
+
+  def update(grads, state, params=None):
+    del params
+    acc, count = state
+    acc = jax.tree.map(lambda a, g: a + jnp.mean(g * g, axis=-1, keepdims=True),
+                       acc.sum_sq, grads)
+    rate = lr(count)
+    updates = jax.tree.map(lambda g, a: -rate * g / (jnp.sqrt(a) + eps), grads, acc)
+    return updates, (RowwiseAdagradState(acc), count + 1)
+
+  return optax.GradientTransformation(init, update)
 
 
 def _cast_floats(tree: Any, dtype) -> Any:

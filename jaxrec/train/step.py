@@ -27,14 +27,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrec import hardware
 from jaxrec.config import ConfigError
-from jaxrec.layout import HEAD_TABLE_GRAD_SCOPE, Layout
+from jaxrec.layout import EMBED_TABLE_GRAD_SCOPE, HEAD_TABLE_GRAD_SCOPE, Layout
 from jaxrec.mesh import MeshShape, mesh_shape
 from jaxrec.models.recommender import RecommenderFns
 from jaxrec.parallel import balance, pipeline
 from jaxrec.parallel.compression import WARMUP_RATIOS
 from jaxrec.parallel.data_parallel import DataParallel, sum_over_stages
 from jaxrec.parallel.vma import make_varying, varying_axes
-from jaxrec.partitioning import batch_spec, tree_shardings
+from jaxrec.partitioning import batch_spec, spec_mesh_axes, tree_shardings
 from jaxrec.train.optim import clip_by_global_norm, lr_schedule, optimizer
 from jaxrec.train.state import TrainState, opt_state_specs
 
@@ -80,14 +80,16 @@ class TrainProgram:
     if costs is None and _needs_balancing(config, mesh):
       costs = measure_piece_costs(config, fns, mesh)
     self.layout = Layout.build(config, fns, mesh_shape(mesh), costs)
-    self.tx = optimizer(config.train, fns.logical_axes, fns.cfg.param_dtype)
+    self.tx = optimizer(config.train, fns.logical_axes, fns.cfg.param_dtype,
+                        config.embedding.optimizer)
     self.lr_schedule = lr_schedule(config.train)
     self.inject_nonfinite = tuple(
         int(x) for x in str(config.train.inject_nonfinite_steps).split(",") if x.strip())
     lay = self.layout
     self.dp = DataParallel(config.dp, lay.grad_sync, lay.mesh, lay.param_specs,
                            lay.param_shapes, self.tx)
-    opt_specs = opt_state_specs(self.tx, jax.eval_shape(self.tx.init, lay.param_shapes),
+    opt_specs = opt_state_specs(jax.eval_shape(self.tx.init, lay.param_shapes),
+                                lay.param_shapes,
                                 lay.param_specs)
     self.state_specs = TrainState(
         step=P(), params=lay.param_specs,
@@ -208,7 +210,10 @@ class TrainProgram:
     """(loss, gradients summed over the data axes, uncompressed): what tests compare."""
     def local(s, b):
       loss, grads, _ = self._local_loss_and_grads(s, b)
-      return loss, jax.tree.map(lambda g: psum(g, self.layout.data_axes), grads)
+      return loss, jax.tree.map(
+          lambda g, spec: psum(g, tuple(a for a in self.layout.data_axes
+                                        if a not in spec_mesh_axes(spec))),
+          grads, self.layout.param_specs)
 
     fn = jax.shard_map(local, mesh=self.mesh, in_specs=(self.state_specs, self._batch_specs(batch)),
                        out_specs=(P(), self.layout.param_specs))
@@ -237,16 +242,17 @@ class TrainProgram:
     return row_keys(state.rng, state.step,
                     self._first_row(local_batch) + jnp.arange(local_batch))
 
-  def _ctx(self, keys=None, axis="tensor", negatives=None):
+  def context(self, keys=None, axis="tensor", negatives=None):
     """The model's per-call context: `keys` are per-row dropout keys (typed or raw),
     `negatives` the step's key for sampled negatives; axis "head" reduces over the
     item head's axes (tensor, plus pipe for the spread head)."""
     if keys is not None and not jnp.issubdtype(keys.dtype, jax.dtypes.prng_key):
       keys = jax.random.wrap_key_data(keys)
-    tensor_axis = self.layout.tensor_axis if axis == "tensor" else self.layout.head_axes
-    return self.fns.context(tensor_axis=tensor_axis, row_keys=keys,
+    lay = self.layout
+    return self.fns.context(tensor_axis=lay.tensor_axis, row_keys=keys,
                             dropout_rate=None if keys is not None else 0.0,
-                            loss_key=negatives, batch_axes=self.layout.data_axes)
+                            loss_key=negatives, batch_axes=lay.data_axes,
+                            table_axes=lay.table_axes if axis == "tensor" else lay.head_axes)
 
   def _local_grads(self, params, inputs, targets, row_keys, n_targets, negatives):
     """Sum over microbatches of d(loss sum / tokens)/d params, on this device's rows."""
@@ -254,7 +260,7 @@ class TrainProgram:
 
     def loss_fn(p, inp, tgt, keys):
       total, _ = self.fns.loss(_floats_as(p, storage), inp, tgt,
-                               self._ctx(keys, negatives=negatives))
+                               self.context(keys, negatives=negatives))
       return total / n_targets
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -289,27 +295,27 @@ class TrainProgram:
     fns = self.fns
 
     def embed_vjp(shared, tokens, keys, d_x):
-      rows = fns.lookup(shared, tokens["inputs"], self._ctx())
+      rows = fns.lookup(shared, tokens["inputs"], self.context())
       small = _small(shared)
-      _, vjp = jax.vjp(lambda s, r: fns.embed_rows({**shared, **s}, r, tokens, self._ctx(keys)),
+      _, vjp = jax.vjp(lambda s, r: fns.embed_rows({**shared, **s}, r, tokens, self.context(keys)),
                        small, rows)
       return vjp(d_x)
 
     def stage(params, x, aux):
       tokens, layer_ids, active, keys = aux
-      return fns.layers(params, x, tokens, self._ctx(keys), layer_ids, active)
+      return fns.layers(params, x, tokens, self.context(keys), layer_ids, active)
 
     if self.config.pipeline.remat == "full":
       stage = jax.checkpoint(stage, policy=jax.checkpoint_policies.nothing_saveable)
     return pipeline.StagePieces(
-        embed=lambda shared, tokens, keys: fns.embed(shared, tokens, self._ctx(keys)),
+        embed=lambda shared, tokens, keys: fns.embed(shared, tokens, self.context(keys)),
         embed_vjp=embed_vjp, stage=stage, head=head, small=_small)
 
   def _pipeline_grads(self, params, inputs, targets, row_keys, n_targets, negatives):
     lay = self.layout
     m = lay.microbatches
     fns = self.fns
-    head_ctx = self._ctx(axis="head", negatives=negatives)
+    head_ctx = self.context(axis="head", negatives=negatives)
     mb_targets = pipeline.microbatch(targets, m)
     mb_tokens = {k: pipeline.microbatch(v, m) for k, v in inputs.items()}
 
@@ -328,18 +334,27 @@ class TrainProgram:
         lay.schedule, lay.stages, self._pieces(head), stage_params, shared,
         mb_tokens, keys, vary_axes=lay.data_axes,
         head_spread=lay.head_spread)
-    # The item table's gradient, once per step: the looked-up rows (stage 0) scattered
-    # into this shard, plus the head's (the last stage's, or every stage's slice).
+    # The item table's gradient, once per step: the looked-up rows' (stage 0: the
+    # lookup's transpose, a scatter-add — with rows sharding the sparse exchange over
+    # data) plus the head's (the last stage's, or every stage's slice).
     table = shared["items"]["table"]
     ids = inputs["inputs"]
     d_rows = result.d_rows.reshape(ids.shape + result.d_rows.shape[-1:])
-    g_table = fns.scatter_item_grads(jnp.zeros(table.shape, jnp.float32), ids, d_rows,
-                                     self._ctx())
+    vary = varying_axes(table) | set(lay.grad_axes)
+
+    def embed_grads():
+      _, vjp = jax.vjp(lambda t: fns.lookup({"items": {"table": t}}, ids, self.context()), table)
+      (g,) = vjp(make_varying(d_rows.astype(fns.cfg.compute_dtype), lay.grad_axes))
+      return make_varying(g.astype(jnp.float32), vary)
+
+    with jax.named_scope(EMBED_TABLE_GRAD_SCOPE):
+      g_table = lax.cond(lax.axis_index("pipe") == 0, embed_grads,
+                         lambda: make_varying(jnp.zeros(table.shape, jnp.float32), vary))
     view = self._head_view(shared)
 
     def head_grads():
       return make_varying(fns.head_table_grad(view, result.saved, head_ctx, 1.0 / n_targets),
-                          varying_axes(g_table))
+                          vary)
 
     if lay.head_spread:
       piece = head_grads()
@@ -350,8 +365,7 @@ class TrainProgram:
       last = lax.axis_index("pipe") == lay.mesh.pipe - 1
       with jax.named_scope(HEAD_TABLE_GRAD_SCOPE):
         g_table = g_table + lax.cond(last, head_grads,
-                                     lambda: make_varying(jnp.zeros_like(g_table),
-                                                          varying_axes(g_table)))
+                                     lambda: make_varying(jnp.zeros_like(g_table), vary))
     grads = {**result.small_grads, "items": {**shared["items"], "table": g_table},
              "layers": result.stage_grads}
     grads = jax.tree.map(lambda g, p: make_varying(g.astype(jnp.float32), varying_axes(p)),
@@ -366,12 +380,12 @@ class TrainProgram:
 
   def _local_eval(self, params, batch: Batch) -> jax.Array:
     lay = self.layout
-    ctx = self._ctx()
+    ctx = self.context()
     if not lay.pipe_axis:
       h = self.fns.last_hidden(params, token_arrays(batch), ctx)
       return self.fns.rank(params, h, batch["target"], batch["exclude"], ctx)
 
-    head_ctx = self._ctx(axis="head")
+    head_ctx = self.context(axis="head")
     m = lay.eval_schedule.microbatches
     mbs = {k: pipeline.microbatch(v, m) for k, v in batch.items()}
 
