@@ -138,8 +138,8 @@ def planner_config(devices: int):
 
 def brute_force(config, devices: int, hw: Hardware):
   """Every (replica, data, pipe, tensor) in [1..N]^4 with product N, every schedule,
-  virtual depth, microbatch count and compression — no planner filters; layouts the
-  library rejects are skipped."""
+  virtual depth, microbatch count, table sharding and compression — no planner
+  filters; layouts the library rejects are skipped."""
   best = math.inf
   sizes = range(1, devices + 1)
   for r, d, p, t in itertools.product(sizes, repeat=4):
@@ -154,6 +154,9 @@ def brute_force(config, devices: int, hw: Hardware):
                for m in range(1, config.train.batch_size + 1)]
     comps = [{"compression.method": c, "compression.hierarchical": h}
              for c in planner.COMPRESSIONS for h in (False, True)]
+    multiple = math.lcm(config.model.item_table_multiple, d * t)
+    comps += [{**comp, "embedding.sharding": "rows", "model.item_table_multiple": multiple}
+              for comp in comps]
     for extra in pipes:
       for comp in comps:
         try:

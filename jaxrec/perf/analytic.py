@@ -31,6 +31,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxrec.mesh import MeshShape
+from jaxrec.models import flops
+from jaxrec.models.losses import LossConfig
 from jaxrec.partitioning import spec_mesh_axes
 
 FP32 = 4
@@ -110,8 +112,26 @@ def spread_head_bytes(s: StepShape) -> tuple[str, float, float] | None:
   return key, payload, 2 * (n - 1) / n * payload
 
 
+def table_exchange_bytes(mesh: MeshShape, ids_per_step: float, d_model: int,
+                         act_bytes: int, data_axes: tuple[str, ...]) -> tuple[str, float, float]:
+  """(axis key, payload, wire) bytes per device per step of the rows-sharded table's
+  lookups: the de-duplicated ids all-gathered over data, the rows reduce-scattered
+  back, and in the backward pass the rows' gradients all-gathered to their owners
+  (buffers sized by the ids a device looks up — its unique ids at most)."""
+  group = math.prod(getattr(mesh, a) for a in data_axes)
+  if group <= 1:
+    return ",".join(data_axes), 0.0, 0.0
+  share = (group - 1) / group
+  ids = group * ids_per_step * 4
+  rows = group * ids_per_step * d_model * act_bytes
+  grads = group * ids_per_step * d_model * act_bytes
+  payload = ids + rows + grads
+  return ",".join(data_axes), payload, share * payload
+
+
 def analytic_bytes_by_axis(s: StepShape, data_bytes: dict[str, tuple[float, float]],
-                           data_frequency: float = 1.0, shared_grad_bytes: float = 0.0
+                           data_frequency: float = 1.0, shared_grad_bytes: float = 0.0,
+                           extra: tuple[tuple[str, float, float], ...] = ()
                            ) -> tuple[dict[str, float], dict[str, float]]:
   """(buffer bytes, ring-wire bytes) per step by axis key.
 
@@ -136,6 +156,10 @@ def analytic_bytes_by_axis(s: StepShape, data_bytes: dict[str, tuple[float, floa
   for key, (p, w) in data_bytes.items():
     payload[key] = payload.get(key, 0.0) + p * data_frequency
     wire[key] = wire.get(key, 0.0) + w * data_frequency
+  for key, p, w in extra:   # e.g. the rows-sharded table's exchange (every step)
+    if p:
+      payload[key] = payload.get(key, 0.0) + p
+      wire[key] = wire.get(key, 0.0) + w
   return payload, wire
 
 
@@ -143,20 +167,34 @@ def analytic_bytes_by_axis(s: StepShape, data_bytes: dict[str, tuple[float, floa
 # FLOPs and memory: what the cost model and the planner need where a step is too
 # large to compile. Checked against the compiled HLO in tests/test_cost_model.py.
 # ---------------------------------------------------------------------------
-def activation_bytes_per_token(cfg, tensor: int, act_bytes: int = FP32) -> tuple[float, float]:
-  """(per layer, head) bytes kept per token for the backward pass on one device.
-
-  Layer: residual stream, norms and their inputs (~6 x d, replicated over tensor),
-  Q/K/V and the attention output (4 x d / t), the MLP's pre- and post-activation
-  (2 x d_ff / t), the attention scores and probabilities (2 x heads / t x T).
-  Head: the local logits, their exponentials and the softmax gradient (3 x rows / t,
-  fp32: the loss is computed in fp32).
-  """
+def layer_activation_bytes_per_token(cfg, tensor: int, act_bytes: int = FP32) -> float:
+  """Bytes one layer keeps per token for the backward pass on one device: residual
+  stream, norms and their inputs (~6 x d, replicated over tensor), Q/K/V and the
+  attention output (4 x d / t), the MLP's pre- and post-activation (2 x d_ff / t),
+  the attention scores and probabilities (2 x heads / t x T)."""
   t = tensor
-  layer = act_bytes * (6 * cfg.d_model + (4 * cfg.d_model + 2 * cfg.d_ff) / t
-                       + 2 * cfg.n_heads / t * cfg.max_len)
-  head = FP32 * 3 * cfg.table_rows / t
-  return layer, head
+  return act_bytes * (6 * cfg.d_model + (4 * cfg.d_model + 2 * cfg.d_ff) / t
+                      + 2 * cfg.n_heads / t * cfg.max_len)
+
+
+def head_bytes(cfg, loss: LossConfig, local_rows: int, tokens: float,
+               in_batch_tokens: int) -> float:
+  """Peak bytes the item head holds on one device while scoring `tokens` targets.
+
+  Both losses walk the real targets in chunks of `loss.token_chunk`, so beyond the
+  compacted hidden states, their gradient and three fp32 statistics per token, only
+  one chunk's block is alive: its logits, exponentials and gradient (3 fp32 passes)
+  over one tile of the local rows (full softmax) or over the candidates (sampled,
+  plus the gathered rows of per-token negatives and their gradient).
+  """
+  chunk = max(1.0, min(float(loss.token_chunk), tokens))
+  per_token = tokens * (2 * FP32 * cfg.d_model + 3 * FP32)
+  if loss.type == "full":
+    return per_token + 3 * FP32 * chunk * loss.tile(max(1, int(local_rows)))
+  block = 3 * FP32 * chunk * flops.candidates(loss, in_batch_tokens)
+  if loss.negatives in ("uniform", "mixed") and not loss.shared_negatives:
+    block += 2 * FP32 * chunk * loss.num_negatives * cfg.d_model
+  return per_token + block
 
 
 def state_bytes_per_param(compressed: bool, dp_mode: str) -> float:

@@ -3,7 +3,9 @@
 Candidates are the factorisations of N over (replica, data, pipe, tensor); for a
 pipeline every schedule with every valid microbatch count (the scanned executor
 compiles to the same program whatever the count) and interleaving depth up to 4 (layers split by the balancer on analytic costs); and
-the gradient compressions that kept quality within seed noise in our ML-1M sweep
+the item table's sharding (over tensor, replicated over data; or its rows and their
+optimizer state over data x tensor, exact with the dense optimizer, so no quality is
+traded); the gradient compressions that kept quality within seed noise in our ML-1M sweep
 (none, bf16, int8; top-k, PowerSGD and sign lost 3-10% NDCG, so the planner does
 not trade quality for speed on the user's behalf). A `replica` axis only pays off
 with hierarchical compression over it, so it is only tried with one. Each
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from typing import Any, Iterator
 
 import ml_collections
@@ -84,7 +87,7 @@ def mesh_candidates(config: ml_collections.ConfigDict, devices: int) -> Iterator
 
 def variants(config: ml_collections.ConfigDict, shape: MeshShape,
              compressions=COMPRESSIONS) -> Iterator[dict[str, Any]]:
-  """Schedule / microbatch / compression overrides worth trying on `shape`."""
+  """Schedule / microbatch / table sharding / compression overrides worth trying."""
   local_batch = config.train.batch_size // shape.data_size
   if shape.pipe > 1:
     pipes = []
@@ -105,8 +108,13 @@ def variants(config: ml_collections.ConfigDict, shape: MeshShape,
              for c in compressions if c != "none"]
   else:
     comps = [{"compression.method": c} for c in compressions]
-  for p, c in itertools.product(pipes, comps):
-    yield {**p, **c}
+  tables = [{}]
+  if shape.data_size > 1 and config.dp.mode in ("sync", "delayed"):
+    group = shape.data * shape.tensor
+    multiple = math.lcm(config.model.item_table_multiple, group)
+    tables.append({"embedding.sharding": "rows", "model.item_table_multiple": multiple})
+  for p, t, c in itertools.product(pipes, tables, comps):
+    yield {**p, **t, **c}
 
 
 @functools.lru_cache(maxsize=16)
@@ -128,7 +136,8 @@ def evaluate(config: ml_collections.ConfigDict, num_items: int, shape: MeshShape
   c = with_overrides(config, {"mesh": _spec(shape), **overrides})
   if shape.pipe > 1:
     c.pipeline.layers_per_stage = "auto"
-    c.pipeline.head = "auto"
+    # a rows-sharded table cannot also be split over pipe by the spread head
+    c.pipeline.head = "last" if c.embedding.sharding == "rows" else "auto"
   lay = Layout.build(c, fns_for(c, num_items), shape)
   profile = strategy.analytic_profile(lay)
   prediction = cost_model.predict(profile, hw, assumptions)

@@ -11,6 +11,7 @@ Two sources for the same `cost_model.StepProfile`:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -34,7 +35,16 @@ def analytic_volumes(lay: Layout) -> tuple[dict[str, float], dict[str, float]]:
   shared_specs = {k: v for k, v in lay.param_specs.items() if k != "layers"}
   return analytic.analytic_bytes_by_axis(
       step, lay.grad_sync.analytic_bytes(), lay.sync_frequency,
-      analytic.shard_bytes(shared, shared_specs, lay.mesh))
+      analytic.shard_bytes(shared, shared_specs, lay.mesh), (table_exchange(lay),))
+
+
+def table_exchange(lay: Layout) -> tuple[str, float, float]:
+  """(axis key, payload, wire) of the rows-sharded table's lookup exchange per step
+  (the embedding lookup of every input position; all zero for tensor sharding)."""
+  data = tuple(a for a in lay.table_axes if a in lay.data_axes)
+  ids = lay.local_batch * lay.config.data.max_len / (lay.mesh.pipe if lay.pipe_axis else 1)
+  return analytic.table_exchange_bytes(lay.mesh, ids if data else 0.0, lay.model.d_model,
+                                       jnp.dtype(lay.model.compute_dtype).itemsize, data)
 
 
 # ---------------------------------------------------------------------------
@@ -92,8 +102,13 @@ def analytic_memory(lay: Layout) -> float:
   state = param_bytes / analytic.FP32 * analytic.state_bytes_per_param(
       c.compression.method != "none" and c.compression.error_feedback, c.dp.mode)
   act_bytes = jnp.dtype(lay.model.compute_dtype).itemsize
-  per_layer, head = analytic.activation_bytes_per_token(lay.model, lay.mesh.tensor, act_bytes)
+  per_layer = analytic.layer_activation_bytes_per_token(lay.model, lay.mesh.tensor, act_bytes)
   mb_tokens = c.train.batch_size // lay.mesh.data_size // lay.microbatches * c.data.max_len
+  table_shards = math.prod(getattr(lay.mesh, a) for a in lay.table_axes)
+  # a rows-sharded table scores the tokens of the whole data group against its rows
+  head_tokens = mb_tokens * (lay.mesh.data_size if lay.table_sharding == "rows" else 1)
+  head = analytic.head_bytes(lay.model, lay.loss, lay.model.table_rows // table_shards,
+                             head_tokens, lay.in_batch_tokens)
   if lay.schedule is None:
     in_flight, layers = 1, lay.model.n_layers
   else:
@@ -102,7 +117,7 @@ def analytic_memory(lay: Layout) -> float:
     if c.pipeline.remat == "full":
       per_layer = act_bytes * lay.model.d_model / layers   # only stage inputs are kept
   head_share = 1.0 / lay.mesh.pipe if lay.head_spread else 1.0
-  return state + mb_tokens * (in_flight * layers * per_layer + head * head_share)
+  return state + mb_tokens * in_flight * layers * per_layer + head * head_share
 
 
 def executed_flops(lay: Layout) -> float:
