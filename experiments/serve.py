@@ -1,0 +1,60 @@
+"""Serve a trained run over HTTP: top-k recommendations with request micro-batching.
+
+  python -m experiments.serve --workdir=runs/quickstart --port=8080
+  curl -s localhost:8080/recommend -d '{"history": [1, 32, 589], "k": 5}'
+  curl -s localhost:8080/recommend -d '{"user": 1, "k": 5}'
+  curl -s localhost:8080/healthz
+
+Loads the run's checkpoint (its best one when the run selected on validation) onto
+--mesh with the item table --table (replicated | tensor | rows), and its dataset for
+the item ids and the known users' histories (jaxrec/serve/http.py).
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags, logging
+
+from experiments import runtime
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "A training run's folder.")
+_PORT = flags.DEFINE_integer("port", 8080, "Port on localhost.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on.")
+_MESH = flags.DEFINE_string("mesh", "data:-1", "Inference mesh (no pipe axis).")
+_TABLE = flags.DEFINE_enum("table", "replicated", ["replicated", "tensor", "rows"],
+                           "Item table layout on the inference mesh.")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 32, "Requests per device batch at most.")
+_MAX_WAIT_MS = flags.DEFINE_float("max_wait_ms", 5.0, "Wait for more requests this long.")
+
+
+def main(argv):
+  del argv
+  runtime.setup()
+  from aiohttp import web
+
+  import ml_collections
+  from jaxrec.data import load_dataset
+  from jaxrec.serve.http import Catalogue, ServeOptions, make_app
+  from jaxrec.serve.servable import Servable
+
+  with runtime.user_errors():
+    servable = Servable.load(_WORKDIR.value, _MESH.value, _TABLE.value)
+    config = ml_collections.ConfigDict(servable.config.to_dict())
+    dataset = load_dataset(config.data)
+  catalogue = Catalogue.from_dataset(dataset)
+  options = ServeOptions(max_batch=_MAX_BATCH.value, max_wait_ms=_MAX_WAIT_MS.value)
+  programs = servable.warm_up(options.max_batch, servable.max_len)
+  logging.info("compiled %d recommend programs (batch buckets up to %d requests)", programs,
+               options.max_batch)
+  logging.info("serving step %d of %s on %s (table %s), %d items, %d known users",
+               servable.step, _WORKDIR.value, _MESH.value, _TABLE.value, servable.num_items,
+               len(catalogue.histories))
+  print(json.dumps({"listening": f"http://{_HOST.value}:{_PORT.value}",
+                    "step": servable.step}), flush=True)
+  web.run_app(make_app(servable, catalogue, options), host=_HOST.value, port=_PORT.value,
+              print=None)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Serving: checkpoints -> recommendations (batch, incremental with a KV cache, HTTP)."""
