@@ -104,11 +104,16 @@ def _unchunked(x: jax.Array, n: int) -> jax.Array:
   return x.reshape(-1, *x.shape[2:])[:n]
 
 
-def _over_chunks(fn, targets: jax.Array, chunk: int, xs: tuple) -> Any:
+def _over_chunks(fn, targets: jax.Array, chunk: int, xs: tuple, remat: bool = False) -> Any:
   """Maps fn over [chunk]-sized pieces of xs ([N, ...] each), skipping the pieces whose
   `targets` are all padding (their outputs are zeros); returns fn's outputs re-joined
   to [N, ...]. The skip is decided per device, so collectives inside fn must span
-  only devices that hold the same targets (the vocab-parallel axes)."""
+  only devices that hold the same targets (the vocab-parallel axes).
+
+  `remat`: differentiate through the chunks keeping only their inputs. The checkpoint
+  wraps the skip conditional too: a closed-over array (the item table) that passed
+  through the conditional would otherwise come out of it as a residual, and the scan
+  would stack one table-sized copy per chunk for the backward."""
   n = xs[0].shape[0]
   chunk = chunk_size(n, chunk)
   pieces = [_chunked(x, chunk) for x in xs]
@@ -119,10 +124,15 @@ def _over_chunks(fn, targets: jax.Array, chunk: int, xs: tuple) -> Any:
     del piece
     return jax.tree.map(vma.zeros, shapes)
 
-  def body(_, args):
-    on, *piece = args
+  def run(on, *piece):
     with jax.named_scope(CHUNK_SCOPE):
-      return None, lax.cond(on, fn, skip, *piece)
+      return lax.cond(on, fn, skip, *piece)
+
+  if remat:
+    run = jax.checkpoint(run)
+
+  def body(_, args):
+    return None, run(*args)
 
   _, out = lax.scan(body, None, (live, *pieces))
   return jax.tree.map(lambda o: _unchunked(o, n), out)
@@ -339,9 +349,9 @@ def sampled_softmax(h: jax.Array, targets: jax.Array, target_rows: jax.Array,
     loss = jax.nn.logsumexp(logits, axis=-1) - pos_logit
     return jnp.where(tc > 0, loss, 0.0)
 
-  chunk = jax.checkpoint(chunk)   # no [chunk, K] logits or rows kept for the backward
+  # remat: no [chunk, K] logits or rows kept for the backward
   return _over_chunks(chunk, targets, cfg.token_chunk, (hn, targets, pos, token_keys,
-                                                        positions))
+                                                        positions), remat=True)
 
 
 def _keep(ids: jax.Array, targets: jax.Array, positions: jax.Array,
