@@ -138,7 +138,7 @@ def planner_config(devices: int):
 
 def brute_force(config, devices: int, hw: Hardware):
   """Every (replica, data, pipe, tensor) in [1..N]^4 with product N, every schedule,
-  virtual depth, microbatch count, table sharding and compression — no planner
+  virtual depth, microbatch count, table sharding, remat and compression — no planner
   filters; layouts the library rejects are skipped."""
   best = math.inf
   sizes = range(1, devices + 1)
@@ -157,6 +157,7 @@ def brute_force(config, devices: int, hw: Hardware):
     multiple = math.lcm(config.model.item_table_multiple, d * t)
     comps += [{**comp, "embedding.sharding": "rows", "model.item_table_multiple": multiple}
               for comp in comps]
+    comps += [{**comp, "model.remat": "full"} for comp in comps]
     for extra in pipes:
       for comp in comps:
         try:

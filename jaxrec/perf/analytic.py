@@ -167,14 +167,37 @@ def analytic_bytes_by_axis(s: StepShape, data_bytes: dict[str, tuple[float, floa
 # FLOPs and memory: what the cost model and the planner need where a step is too
 # large to compile. Checked against the compiled HLO in tests/test_cost_model.py.
 # ---------------------------------------------------------------------------
-def layer_activation_bytes_per_token(cfg, tensor: int, act_bytes: int = FP32) -> float:
-  """Bytes one layer keeps per token for the backward pass on one device: residual
-  stream, norms and their inputs (~6 x d, replicated over tensor), Q/K/V and the
-  attention output (4 x d / t), the MLP's pre- and post-activation (2 x d_ff / t),
-  the attention scores and probabilities (2 x heads / t x T)."""
-  t = tensor
-  return act_bytes * (6 * cfg.d_model + (4 * cfg.d_model + 2 * cfg.d_ff) / t
-                      + 2 * cfg.n_heads / t * cfg.max_len)
+def layer_activation_bytes_per_token(cfg, tensor: int, act_bytes: int = FP32,
+                                     remat: str = "none") -> tuple[float, float]:
+  """(kept per layer, transient) bytes per token on one device for the backward pass.
+
+  Without remat a layer keeps its residual stream, norms and their inputs (~6 x d,
+  replicated over tensor), Q/K/V and the attention output (4 x d / t), the MLP's pre-
+  and post-activation (2 x d_ff / t), the attention scores and probabilities
+  (2 x heads / t x T). Under a `model.remat` policy each layer keeps less and one
+  layer's full set is rebuilt at a time in the backward (the transient term):
+  full keeps the layer input (d); dots_saveable the matmul outputs (Q/K/V, scores,
+  attention and MLP outputs); save_attention_out the input and the attention output.
+  """
+  t, d = tensor, cfg.d_model
+  full = act_bytes * (6 * d + (4 * d + 2 * cfg.d_ff) / t + 2 * cfg.n_heads / t * cfg.max_len)
+  kept = {
+      "none": full,
+      "full": act_bytes * d,
+      "dots_saveable": act_bytes * (2 * d + (4 * d + cfg.d_ff + cfg.n_heads * cfg.max_len) / t),
+      "save_attention_out": act_bytes * 2 * d,
+  }[remat]
+  return kept, (0.0 if remat == "none" else full)
+
+
+def state_bytes(params: float, param_bytes: int, opt_bytes: int, master: bool,
+                extra_fp32_copies: float) -> float:
+  """Bytes of the training state per device for `params` local parameters: the params
+  and their gradient in the param dtype, Adam's two moments in the optimizer-state
+  dtype, an fp32 master copy with bf16 params (`train.master_weights`), and the
+  compressor's / data-parallel mode's fp32 copies."""
+  return params * (2 * param_bytes + 2 * opt_bytes + (FP32 if master else 0)
+                   + FP32 * extra_fp32_copies)
 
 
 def head_bytes(cfg, loss: LossConfig, local_rows: int, tokens: float,
@@ -197,11 +220,12 @@ def head_bytes(cfg, loss: LossConfig, local_rows: int, tokens: float,
   return per_token + block
 
 
-def state_bytes_per_param(compressed: bool, dp_mode: str) -> float:
-  """fp32 bytes held per (local) parameter: param, gradient, Adam's two moments, plus
-  the compressor's error feedback and the data-parallel mode's own copies."""
+def extra_state_copies(compressed: bool, dp_mode: str) -> float:
+  """fp32 copies of the params beyond the optimizer's: the compressor's error feedback
+  and the data-parallel mode's own (delayed gradient, local-SGD anchor, DiLoCo's outer
+  momentum)."""
   extra = {"sync": 0, "delayed": 1, "local_sgd": 1, "diloco": 2}.get(dp_mode, 0)
-  return FP32 * (4 + (1 if compressed else 0) + extra)
+  return (1 if compressed else 0) + extra
 
 
 def elementwise_bytes(cfg, local_tokens: float, tensor: int, pipe: int,

@@ -9,8 +9,9 @@ traded); the gradient compressions that kept quality within seed noise in our ML
 (none, bf16, int8; top-k, PowerSGD and sign lost 3-10% NDCG, so the planner does
 not trade quality for speed on the user's behalf). A `replica` axis only pays off
 with hierarchical compression over it, so it is only tried with one. Each
-candidate is costed from the analytic profile (no devices needed),
-dropped if its predicted peak memory does not fit, and ranked by step time.
+candidate is costed from the analytic profile (no devices needed); one that does not
+fit memory is tried again with every layer rematerialised (`model.remat=full`), dropped
+if it still does not fit, and the rest are ranked by step time.
 """
 
 from __future__ import annotations
@@ -156,6 +157,10 @@ def plan(config: ml_collections.ConfigDict, num_items: int, devices: int, hw: Ha
   for shape in mesh_candidates(config, devices):
     for overrides in variants(config, shape, compressions):
       cand = evaluate(config, num_items, shape, overrides, hw, assumptions)
+      if not cand.prediction.fits and config.model.remat == "none":
+        # recomputing each layer in the backward costs a forward; only worth it to fit
+        cand = evaluate(config, num_items, shape, {**overrides, "model.remat": "full"}, hw,
+                        assumptions)
       (fits if cand.prediction.fits else rejected).append(cand)
   fits.sort(key=lambda x: x.prediction.step_time)
   return fits, rejected

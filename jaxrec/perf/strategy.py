@@ -96,13 +96,19 @@ def analytic_comm(lay: Layout) -> tuple[CommOp, ...]:
 
 
 def analytic_memory(lay: Layout) -> float:
-  """Peak bytes per device: state + the activations of the microbatches in flight."""
+  """Peak bytes per device: state (in its storage dtypes) + the activations of the
+  microbatches in flight (under the remat policies) + the item head's working set."""
   c = lay.config
-  param_bytes = analytic.shard_bytes(lay.param_shapes, lay.param_specs, lay.mesh)
-  state = param_bytes / analytic.FP32 * analytic.state_bytes_per_param(
-      c.compression.method != "none" and c.compression.error_feedback, c.dp.mode)
+  local_params = analytic.shard_bytes(lay.param_shapes, lay.param_specs, lay.mesh) / analytic.FP32
+  param_bytes = jnp.dtype(lay.model.param_dtype).itemsize
+  state = analytic.state_bytes(
+      local_params, param_bytes, jnp.dtype(c.train.opt_state_dtype).itemsize,
+      param_bytes < analytic.FP32 and c.train.master_weights,
+      analytic.extra_state_copies(
+          c.compression.method != "none" and c.compression.error_feedback, c.dp.mode))
   act_bytes = jnp.dtype(lay.model.compute_dtype).itemsize
-  per_layer = analytic.layer_activation_bytes_per_token(lay.model, lay.mesh.tensor, act_bytes)
+  per_layer, transient = analytic.layer_activation_bytes_per_token(
+      lay.model, lay.mesh.tensor, act_bytes, lay.model.remat)
   mb_tokens = c.train.batch_size // lay.mesh.data_size // lay.microbatches * c.data.max_len
   table_shards = math.prod(getattr(lay.mesh, a) for a in lay.table_axes)
   # a rows-sharded table scores the tokens of the whole data group against its rows
@@ -114,18 +120,23 @@ def analytic_memory(lay: Layout) -> float:
   else:
     in_flight = lay.schedule.num_slots
     layers = max(lay.stages.layers_per_stage) * lay.stages.virtual
-    if c.pipeline.remat == "full":
-      per_layer = act_bytes * lay.model.d_model / layers   # only stage inputs are kept
+    if c.pipeline.remat == "full":   # only stage inputs are kept; one stage is rebuilt
+      transient += layers * per_layer
+      per_layer = act_bytes * lay.model.d_model / layers
   head_share = 1.0 / lay.mesh.pipe if lay.head_spread else 1.0
-  return state + mb_tokens * in_flight * layers * per_layer + head * head_share
+  return (state + mb_tokens * (in_flight * layers * per_layer + transient)
+          + head * head_share)
 
 
 def executed_flops(lay: Layout) -> float:
   """Per-device FLOPs per step, counting the backward recompute under remat."""
   total = lay.model_flops() + flops.head_recompute_flops(lay.model, lay.tokens, lay.loss,
                                                          lay.in_batch_tokens)
+  layer = lay.tokens * lay.model.n_layers * flops.layer_flops_per_token(lay.model)
   if lay.schedule is not None and lay.config.pipeline.remat == "full":
-    total += lay.tokens * lay.model.n_layers * flops.layer_flops_per_token(lay.model)
+    total += layer
+  elif lay.model.remat in ("full", "save_attention_out"):
+    total += layer   # one more forward (save_attention_out: all but the attention's)
   return total / lay.mesh.num_devices
 
 
