@@ -38,7 +38,7 @@ def main(argv):
   from jaxrec import hardware
   from jaxrec.perf.comm import build_program
 
-  config = _CONFIG.value
+  config = runtime.run_config(_CONFIG.value)
   with runtime.user_errors():
     num_items = _NUM_ITEMS.value or load_dataset(config.data).num_items
     program = build_program(config, num_items)

@@ -31,7 +31,7 @@ def main(argv):
   from jaxrec.perf import hlo
   from jaxrec.perf.comm import build_program, comm_report, format_report
 
-  config = _CONFIG.value
+  config = runtime.run_config(_CONFIG.value)
   with runtime.user_errors():
     num_items = _NUM_ITEMS.value or load_dataset(config.data).num_items
     report = comm_report(build_program(config, num_items))

@@ -32,7 +32,7 @@ def main(argv):
   from jaxrec.data import load_dataset
   from jaxrec.perf.comm import build_program, comm_report
 
-  config = _CONFIG.value
+  config = runtime.run_config(_CONFIG.value)
   num_items = _NUM_ITEMS.value or load_dataset(config.data).num_items
   rows = []
   for spec in [m.strip() for m in _MESHES.value.split(";") if m.strip()]:

@@ -101,9 +101,9 @@ def main(argv):
   out.mkdir(parents=True, exist_ok=True)
   present = jax.device_count()
   rows, gains = [], []
-  for size in _SIZES.value:
+  for size in ["small"] if runtime.small() else _SIZES.value:
     num_items = SIZES[size][4]
-    for n in (int(x) for x in _DEVICES.value):
+    for n in [8] if runtime.small() else (int(x) for x in _DEVICES.value):
       config = size_config(size, n)
       start = time.time()
       fits, rejected = planner.plan(config, num_items, n, hw)

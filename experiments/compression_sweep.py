@@ -82,9 +82,13 @@ def main(argv):
   from jaxrec.perf.comm import build_program, comm_report
   from jaxrec.train.loop import train_and_evaluate
 
-  base = _CONFIG.value
+  base = runtime.run_config(_CONFIG.value)
+  # every variant is compared at the same final step: no periodic evaluation, no selection
   base.train.eval_every = 0
+  base.train.select_on = ""
   names = [n.strip() for n in _VARIANTS.value.split(",") if n.strip()] or list(VARIANTS)
+  if runtime.small() and not _VARIANTS.value.strip():
+    names = names[:2]   # smoke run: the baseline and one compressor
   unknown = [n for n in names if n not in VARIANTS]
   if unknown:
     raise app.UsageError(f"unknown variants {unknown}; known: {list(VARIANTS)}")

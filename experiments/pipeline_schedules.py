@@ -155,7 +155,7 @@ def main(argv):
   for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
     plot_timeline(Schedule(name, 4, 8, v), out / f"timeline_{name}.png")
 
-  config = runtime.shrink(_CONFIG.value) if runtime.small() else _CONFIG.value
+  config = runtime.run_config(_CONFIG.value)
   memory = memory_rows(config, _MESH.value, _NUM_ITEMS.value)
   print(f"\ncompiled train step, mesh {_MESH.value}, m=8, d_model {config.model.d_model}, "
         f"{config.model.n_layers} layers, batch {config.train.batch_size} x "

@@ -40,7 +40,7 @@ def main(argv):
   from jaxrec import hardware
   from jaxrec.perf import planner
 
-  config = _CONFIG.value
+  config = runtime.run_config(_CONFIG.value)
   with runtime.user_errors():
     hw = hardware.get(_HARDWARE.value)
     num_items = _NUM_ITEMS.value or load_dataset(config.data).num_items

@@ -77,17 +77,40 @@ def setup(cpu_devices: int = 0) -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+def load_config(path: str):
+  """The `get_config()` of a config file (what --config= takes)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("config_file", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def shrink(config):
-  """A smoke-run copy of a config (JAXREC_SMALL): tiny model, a few steps, few users."""
+  """A smoke-run copy of a config (JAXREC_SMALL): tiny model, a few steps, few users.
+  The head count and the layer count (up to 8) are kept so the meshes and pipeline
+  splits the command asks for still divide them."""
   from jaxrec.config import with_overrides
+  heads = config.model.n_heads
+  d_model = 8 * heads
+  # a prepared dataset (a folder) was written for its own max_len
+  max_len = (config.data.max_len if os.path.isdir(config.data.path or "")
+             else min(config.data.max_len, 16))
   return with_overrides(config, {
-      "model.d_model": 16, "model.n_heads": 2, "model.d_ff": 32,
-      "model.n_layers": max(2, config.pipeline.virtual_stages * 2),
-      "data.max_len": min(config.data.max_len, 16), "train.steps": 4,
-      "train.batch_size": 16, "train.log_every": 2, "train.eval_every": 0,
+      "model.d_model": d_model, "model.d_ff": 2 * d_model,
+      "model.hstu_qk_dim": 0, "model.hstu_v_dim": 0,
+      "model.n_layers": max(min(config.model.n_layers, 8), config.pipeline.virtual_stages * 2),
+      "data.max_len": max_len, "train.steps": 4,
+      "train.batch_size": 16, "train.log_every": 2,
+      "train.eval_every": 4 if config.train.select_on else 0,
       "train.checkpoint_every": 0, "train.warmup_steps": 1, "eval.max_users": 16,
       "eval.batch_size": 16, "pipeline.microbatches": min(config.pipeline.microbatches, 2),
       "loss.token_chunk": 64})
+
+
+def run_config(config):
+  """The config an experiment runs: `config`, or its smoke-run copy under JAXREC_SMALL."""
+  return shrink(config) if small() else config
 
 
 @contextlib.contextmanager

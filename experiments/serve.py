@@ -12,6 +12,7 @@ the item ids and the known users' histories (jaxrec/serve/http.py).
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from absl import app, flags, logging
@@ -50,10 +51,23 @@ def main(argv):
   logging.info("serving step %d of %s on %s (table %s), %d items, %d known users",
                servable.step, _WORKDIR.value, _MESH.value, _TABLE.value, servable.num_items,
                len(catalogue.histories))
-  print(json.dumps({"listening": f"http://{_HOST.value}:{_PORT.value}",
-                    "step": servable.step}), flush=True)
-  web.run_app(make_app(servable, catalogue, options), host=_HOST.value, port=_PORT.value,
-              print=None)
+
+  async def serve() -> None:
+    runner = web.AppRunner(make_app(servable, catalogue, options))
+    await runner.setup()
+    try:
+      await web.TCPSite(runner, _HOST.value, _PORT.value).start()
+      # printed once the socket accepts connections (scripts wait for this line)
+      print(json.dumps({"listening": f"http://{_HOST.value}:{_PORT.value}",
+                        "step": servable.step}), flush=True)
+      await asyncio.Event().wait()
+    finally:
+      await runner.cleanup()
+
+  try:
+    asyncio.run(serve())
+  except KeyboardInterrupt:
+    logging.info("stopped")
 
 
 if __name__ == "__main__":

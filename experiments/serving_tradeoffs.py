@@ -121,7 +121,7 @@ def main(argv):
   from jaxrec.serve.servable import Servable
 
   small = runtime.small()
-  config = runtime.shrink(quickstart.get_config()) if small else quickstart.get_config()
+  config = runtime.run_config(quickstart.get_config())
   dataset = load_dataset(config.data)
   catalogue = Catalogue.from_dataset(dataset)
   history = [int(dataset.item_ids[i]) for i in dataset.test.history_of(0)[-20:]]

@@ -43,14 +43,6 @@ _OVERRIDES = flags.DEFINE_multi_string(
     "set", [], "Config overrides for every run, field=value (e.g. model.dtype=bfloat16).")
 
 
-def load_config(path: str):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("cfg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def parse_value(text: str):
   for cast in (int, float):
     try:
@@ -71,13 +63,11 @@ def measure(name: str, steps: int, hw):
   from jaxrec.train.loop import build
 
   base, _, extra = name.partition("+")
-  config = load_config(RUNS[base])
+  config = runtime.run_config(runtime.load_config(RUNS[base]))
   overrides = dict(o.split("=", 1) for o in _OVERRIDES.value)
   overrides = {k: parse_value(v) for k, v in overrides.items()}
   if extra == "packing":
     overrides["data.packing"] = "greedy"
-  if runtime.small():
-    config = runtime.shrink(config)
   config = with_overrides(config, overrides)
   mesh, dataset, fns, program = build(config)
   stream = TrainStream(dataset.train, config.train.batch_size, config.data.shuffle_seed,

@@ -26,7 +26,7 @@ def main(argv: list[str]) -> None:
   runtime.setup()
   from jaxrec.train.loop import train_and_evaluate  # after the device flags are applied
   with runtime.user_errors():
-    summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    summary = train_and_evaluate(runtime.run_config(_CONFIG.value), _WORKDIR.value)
   if summary is None:
     print(f"stopped early; the checkpoint in {_WORKDIR.value} resumes the run when the same "
           "command is run again")

@@ -65,6 +65,7 @@ def main(argv):
   del argv
   runtime.setup()
   import jax
+  from jaxrec.config import with_overrides
   from jaxrec.perf import cost_model, microbench, strategy
   from jaxrec.perf.comm import build_program, comm_report
   from jaxrec.hardware import LOCAL_PROFILE_PATH
@@ -73,7 +74,7 @@ def main(argv):
   out.mkdir(parents=True, exist_ok=True)
   device = f"{jax.device_count()}x {jax.devices()[0].device_kind}"
   print(f"fitting the local profile on {device} ...")
-  hw, raw = microbench.fit_local_profile(quick=_QUICK.value)
+  hw, raw = microbench.fit_local_profile(quick=_QUICK.value or runtime.small())
   for path in (out / "hardware_local.json", LOCAL_PROFILE_PATH):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(hw.to_json())
@@ -82,17 +83,15 @@ def main(argv):
         f"latency {hw.fast_latency * 1e6:.1f} us/step, bandwidth {hw.fast_bandwidth / 1e9:.2f} GB/s")
 
   rows = []
-  for spec in _MESHES.value:
-    config = _CONFIG.value
-    config.mesh = spec
-    config.pipeline.schedule = "1f1b"
-    config.pipeline.microbatches = 4
+  for spec in _MESHES.value[:2] if runtime.small() else _MESHES.value:
+    pipelined = {"pipeline.schedule": "1f1b", "pipeline.microbatches": 4} if "pipe" in spec else {}
+    config = with_overrides(runtime.run_config(_CONFIG.value), {"mesh": spec, **pipelined})
     with runtime.user_errors():
       program = build_program(config, _NUM_ITEMS.value)
     report = comm_report(program)
     profile = strategy.hlo_profile(program.layout, report)
     pred = cost_model.predict(profile, hw)
-    measured = measure_step(program, _STEPS.value)
+    measured = measure_step(program, 1 if runtime.small() else _STEPS.value)
     err = (pred.step_time - measured) / measured
     rows.append({"mesh": spec, "predicted_s": pred.step_time, "measured_s": measured,
                  "error": err, "compute_s": pred.compute_time,

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -14,7 +15,8 @@ from jaxrec.parallel.data_parallel import GradientSync
 from jaxrec.perf import hlo
 from jaxrec.perf.comm import abstract_batch
 from jaxrec.train import reference
-from tests.helpers import global_batch, max_rel_diff, program, synthetic_batch, tiny_config
+from tests.helpers import (BATCH, global_batch, max_rel_diff, program, synthetic_batch,
+                           tiny_config)
 
 
 def local_round_trip(compressor, x, key=None):
@@ -187,8 +189,8 @@ def test_without_error_feedback_sign_drifts():
 
 
 # --------------------------------------------------------------------- modes
-def run_steps(config, spec, batches):
-  prog = program(config, spec)
+def run_steps(config, spec, batches, devices: int = 8):
+  prog = program(config, spec, devices)
   state = prog.init_state(0)
   losses = []
   for b in batches:
@@ -228,6 +230,52 @@ def test_local_sgd_every_step_with_sgd_equals_sync():
   _, local_state, local_losses = run_steps(local, "data:8", batches)
   np.testing.assert_allclose(local_losses, sync_losses, rtol=1e-5)
   assert max_rel_diff(jax.device_get(local_state.params), jax.device_get(sync_state.params)) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["local_sgd", "diloco"])
+def test_local_modes_match_a_hand_written_optax_reference(mode):
+  """Two outer rounds of H=2 on data:4 against plain optax per replica: each replica
+  takes AdamW steps on its own rows (its loss sum over the global token count, times
+  the replica count), keeps its inner Adam state across the average (as DiLoCo's
+  Algorithm 1 does), and every H steps the anchor moves by the mean replica delta
+  (local SGD) or by an outer Nesterov-SGD step on it (DiLoCo); the replicas restart
+  from the anchor. The state's params — what evaluation and checkpoints read — are
+  the anchor."""
+  replicas, every = 4, 2
+  config = tiny_config(**{"dp.mode": mode, "dp.sync_every": every, "model.dropout": 0.0,
+                          "dp.outer_lr": 0.7, "dp.outer_momentum": 0.9})
+  batches = [synthetic_batch(i) for i in range(2 * every)]
+  prog, state, _ = run_steps(config, f"data:{replicas}", batches, replicas)
+  init = prog.init_state(0)
+  anchor = jax.device_get(init.params)
+  local = [anchor] * replicas
+  inner = [prog.tx.init(anchor) for _ in range(replicas)]
+  outer_tx = optax.sgd(0.7, momentum=0.9, nesterov=True)
+  outer = outer_tx.init(anchor)
+  rows = BATCH // replicas
+  for t, b in enumerate(batches):
+    total = (b["targets"] > 0).sum()
+    for r in range(replicas):
+      sub = {k: v[r * rows:(r + 1) * rows] for k, v in b.items()}
+      _, g = reference.loss_and_grads(prog.fns, local[r], sub, step=t)
+      scale = (sub["targets"] > 0).sum() * replicas / total
+      g = jax.tree.map(lambda x, s=scale: x * s, g)
+      local[r], inner[r] = reference.update(prog.tx, local[r], inner[r], g,
+                                            config.train.grad_clip)
+    if (t + 1) % every == 0:
+      mean_delta = jax.tree.map(lambda a, *ps: a - sum(ps) / replicas, anchor, *local)
+      if mode == "diloco":
+        updates, outer = outer_tx.update(mean_delta, outer, anchor)
+        anchor = optax.apply_updates(anchor, updates)
+      else:
+        anchor = jax.tree.map(lambda a, d: a - d, anchor, mean_delta)
+      local = [anchor] * replicas
+  assert max_rel_diff(jax.device_get(state.params), anchor) < 1e-5
+  got_inner = jax.device_get(state.dp_state["local_opt"])
+  for r in range(replicas):
+    assert max_rel_diff(jax.tree.map(lambda x, r=r: x[r], got_inner), inner[r]) < 1e-5
+  if mode == "diloco":   # the momentum holds deltas (anchor - replica): fp32 cancellation
+    assert max_rel_diff(jax.device_get(state.dp_state["outer_opt"]), outer) < 1e-4
 
 
 def test_local_modes_only_talk_every_h_steps():

@@ -24,6 +24,9 @@ ROWS = {"embedding.sharding": "rows"}
     ("data:8", {}),
     ("data:4,tensor:2", {"pipeline.microbatches": 2}),
     ("data:2,pipe:2,tensor:2", {"pipeline.schedule": "1f1b", "pipeline.microbatches": 2}),
+    # rows over data only, copied over replica: the copies' gradients are summed there
+    ("replica:2,data:2,tensor:2", {}),
+    ("replica:2,data:4", {"embedding.shard_replica": True}),
 ])
 def test_rows_sharding_updates_match_the_reference(spec, overrides):
   """Two AdamW steps (clipping, dropout): loss, and the params after, within 1e-5."""

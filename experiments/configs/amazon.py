@@ -23,7 +23,8 @@ def get_config():
   c.train.lr = 1e-3
   c.train.warmup_steps = 100
   c.train.log_every = 100
-  c.train.eval_every = 1000
+  c.train.eval_every = 500
+  c.train.select_on = "ndcg@10"
   c.train.checkpoint_every = 1000
   c.eval.batch_size = 512
   return c

@@ -40,6 +40,7 @@ State = dict[str, jax.Array]
 FP32 = 4
 # DGC's warm-up: sparsity 75%, 93.75%, 98.4375%, 99.6% before the final ratio.
 WARMUP_RATIOS = (0.25, 0.0625, 0.015625, 0.004)
+FINAL_PHASE = len(WARMUP_RATIOS)   # past the warm-up: the configured ratio
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,7 @@ class ReduceArgs:
   """Per-call context: the axes to sum over, a per-device key, the warm-up phase."""
   axes: Axes
   key: jax.Array | None = None
-  phase: int = len(WARMUP_RATIOS)
+  phase: int = FINAL_PHASE
 
 
 class Compressor:
@@ -65,12 +66,12 @@ class Compressor:
   def reduce(self, x: jax.Array, state: State, args: ReduceArgs) -> tuple[jax.Array, State]:
     raise NotImplementedError
 
-  def payload_bytes(self, shape: tuple[int, ...], phase: int = len(WARMUP_RATIOS)) -> float:
+  def payload_bytes(self, shape: tuple[int, ...], phase: int = FINAL_PHASE) -> float:
     """Bytes one worker contributes for this tensor (dense fp32 = 4 per entry)."""
     raise NotImplementedError
 
   def collective_bytes(self, shape: tuple[int, ...], n: int,
-                       phase: int = len(WARMUP_RATIOS)) -> tuple[float, float]:
+                       phase: int = FINAL_PHASE) -> tuple[float, float]:
     """(buffer bytes as the HLO accounting counts them, ring wire bytes per device)
     for reducing this tensor over n devices: the analytic side of comm reports."""
     raise NotImplementedError
@@ -82,10 +83,10 @@ class NoCompression(Compressor):
   def reduce(self, x, state, args):
     return collectives.dense_all_reduce(x, args.axes), state
 
-  def payload_bytes(self, shape, phase=len(WARMUP_RATIOS)):
+  def payload_bytes(self, shape, phase=FINAL_PHASE):
     return FP32 * math.prod(shape)
 
-  def collective_bytes(self, shape, n, phase=len(WARMUP_RATIOS)):
+  def collective_bytes(self, shape, n, phase=FINAL_PHASE):
     size = FP32 * math.prod(shape)
     return float(size), 2 * (n - 1) / n * size
 
@@ -97,7 +98,7 @@ class _TwoStage(Compressor):
   def encoded_bytes(self, rows: int, c: int) -> float:
     raise NotImplementedError
 
-  def collective_bytes(self, shape, n, phase=len(WARMUP_RATIOS)):
+  def collective_bytes(self, shape, n, phase=FINAL_PHASE):
     c = collectives.chunk_len(math.prod(shape), n, self.block)
     enc = self.encoded_bytes(n, c)  # all-to-all of n chunks, then all-gather of n chunks
     return 2.0 * enc, 2 * (n - 1) / n * enc
@@ -116,7 +117,7 @@ class BF16(_TwoStage):
         lambda p: lax.bitcast_convert_type(p, jnp.bfloat16).astype(jnp.float32))
     return total, state
 
-  def payload_bytes(self, shape, phase=len(WARMUP_RATIOS)):
+  def payload_bytes(self, shape, phase=FINAL_PHASE):
     return 2 * math.prod(shape)
 
   def encoded_bytes(self, rows, c):
@@ -175,7 +176,7 @@ class Int8(_Blocked):
     q = p["q"].astype(jnp.float32).reshape(rows, c // self.block, self.block)
     return (q * p["scale"][..., None]).reshape(rows, c)
 
-  def payload_bytes(self, shape, phase=len(WARMUP_RATIOS)):
+  def payload_bytes(self, shape, phase=FINAL_PHASE):
     n = math.prod(shape)
     return n + FP32 * math.ceil(n / self.block)
 
@@ -204,7 +205,7 @@ class Sign(_Blocked):
     signs = signs.reshape(rows, -1, self.block)
     return (signs * p["scale"][..., None]).reshape(rows, c8 * 8)
 
-  def payload_bytes(self, shape, phase=len(WARMUP_RATIOS)):
+  def payload_bytes(self, shape, phase=FINAL_PHASE):
     n = math.prod(shape)
     return math.ceil(n / 8) + FP32 * math.ceil(n / self.block)
 
@@ -230,8 +231,8 @@ class TopK(Compressor):
 
   def phase(self, step: int) -> int:
     if self.warmup_steps <= 0:
-      return len(WARMUP_RATIOS)
-    return min(step * len(WARMUP_RATIOS) // self.warmup_steps, len(WARMUP_RATIOS))
+      return FINAL_PHASE
+    return min(step * len(WARMUP_RATIOS) // self.warmup_steps, FINAL_PHASE)
 
   def _layout(self, n: int, phase: int) -> tuple[int, int, int]:
     chunk = min(self.chunk, n)
@@ -265,11 +266,11 @@ class TopK(Compressor):
       new["momentum"] = jnp.where(keep, u, 0.0)             # momentum factor masking
     return total[:n].reshape(x.shape), new
 
-  def payload_bytes(self, shape, phase=len(WARMUP_RATIOS)):
+  def payload_bytes(self, shape, phase=FINAL_PHASE):
     chunks, _, k = self._layout(math.prod(shape), phase)
     return chunks * k * (FP32 + 4)  # fp32 value + int32 index
 
-  def collective_bytes(self, shape, n, phase=len(WARMUP_RATIOS)):
+  def collective_bytes(self, shape, n, phase=FINAL_PHASE):
     sent = self.payload_bytes(shape, phase)      # all-gather of values and indices
     return float(n * sent), float((n - 1) * sent)
 
@@ -320,13 +321,13 @@ class PowerSGD(Compressor):
       new["error"] = m - local.reshape(x.shape)
     return (p @ q.T).reshape(x.shape), new
 
-  def payload_bytes(self, shape, phase=len(WARMUP_RATIOS)):
+  def payload_bytes(self, shape, phase=FINAL_PHASE):
     mat = self.matrix_shape(shape)
     if mat is None:
       return FP32 * math.prod(shape)
     return FP32 * self.rank * (mat[0] + mat[1])
 
-  def collective_bytes(self, shape, n, phase=len(WARMUP_RATIOS)):
+  def collective_bytes(self, shape, n, phase=FINAL_PHASE):
     size = self.payload_bytes(shape, phase)      # all-reduces of P and Q (or dense)
     return float(size), 2 * (n - 1) / n * size
 

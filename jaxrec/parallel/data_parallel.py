@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxrec.mesh import DATA_AXES, MeshShape
 from jaxrec.parallel import collectives, device_local
-from jaxrec.parallel.compression import Compressor, NoCompression, ReduceArgs
+from jaxrec.parallel.compression import FINAL_PHASE, Compressor, NoCompression, ReduceArgs
 from jaxrec.parallel.vma import make_varying
 from jaxrec.partitioning import spec_mesh_axes
 
@@ -83,8 +83,11 @@ class GradientSync:
                    for shape, spec in zip(shapes, specs)]
     # A leaf split over data axes (the rows-sharded item table) is not replicated
     # there: its gradient arrives whole on its owner (the lookup's sparse exchange),
-    # so nothing of it crosses those axes here.
+    # so nothing of it crosses those axes here. Over the data axes it is *not* split
+    # over (replica, unless embedding.shard_replica) its copies are summed in fp32.
     self.owned = [bool(spec_mesh_axes(spec) & set(self.data_axes)) for spec in specs]
+    self.owned_rest = [tuple(a for a in self.data_axes if a not in spec_mesh_axes(spec))
+                       for spec in specs]
 
   def compressor_for(self, shape: tuple[int, ...]) -> Compressor:
     """Small tensors (norm scales, biases) go uncompressed."""
@@ -154,7 +157,7 @@ class GradientSync:
   def _active(self, axes):
     return tuple(a for a in axes if getattr(self.mesh, a) > 1)
 
-  def analytic_bytes(self, phase: int = 4) -> dict[str, tuple[float, float]]:
+  def analytic_bytes(self, phase: int = FINAL_PHASE) -> dict[str, tuple[float, float]]:
     """Expected (buffer, ring-wire) bytes per reduction, keyed by the axes they cross."""
     out: dict[str, list[float]] = {}
     if not self.data_axes:
@@ -167,8 +170,12 @@ class GradientSync:
       acc[1] += wire
 
     d = self.mesh.data
-    for (shape, _), owned in zip(self.leaves, self.owned):
+    for (shape, _), owned, rest in zip(self.leaves, self.owned, self.owned_rest):
       if owned:
+        if rest:   # fp32 all-reduce of the owned shard over the axes it is copied on
+          group = math.prod(getattr(self.mesh, a) for a in rest)
+          payload = 4.0 * math.prod(shape)
+          add(rest, payload, 2 * (group - 1) / group * payload)
         continue
       compressor = self.compressor_for(shape)
       if self.inner:  # fp32 reduce-scatter + all-gather over data, compressed chunk across
@@ -182,7 +189,7 @@ class GradientSync:
 
   # ----------------------------------------------------------------- reduce
   def __call__(self, tree: Any, state: Any, key: jax.Array | None = None,
-               phase: int = 4) -> tuple[Any, Any]:
+               phase: int = FINAL_PHASE) -> tuple[Any, Any]:
     """Inside shard_map: (sum over the data axes of `tree`, new state)."""
     if not self.data_axes:
       return jax.tree.map(lambda g: g.astype(jnp.float32), tree), state
@@ -191,7 +198,8 @@ class GradientSync:
     out, new_states = [], []
     for i, (g, st, (shape, axes)) in enumerate(zip(leaves, states, self.leaves)):
       if self.owned[i]:
-        out.append(g.astype(jnp.float32))
+        g = g.astype(jnp.float32)
+        out.append(lax.psum(g, self.owned_rest[i]) if self.owned_rest[i] else g)
         new_states.append(st)
         continue
       compressor = self.compressor_for(shape)

@@ -31,7 +31,7 @@ from jaxrec.layout import EMBED_TABLE_GRAD_SCOPE, HEAD_TABLE_GRAD_SCOPE, Layout
 from jaxrec.mesh import MeshShape, mesh_shape
 from jaxrec.models.recommender import RecommenderFns
 from jaxrec.parallel import balance, pipeline
-from jaxrec.parallel.compression import WARMUP_RATIOS
+from jaxrec.parallel.compression import FINAL_PHASE
 from jaxrec.parallel.data_parallel import DataParallel, sum_over_stages
 from jaxrec.parallel.vma import make_varying, varying_axes
 from jaxrec.partitioning import batch_spec, spec_mesh_axes, tree_shardings
@@ -39,7 +39,6 @@ from jaxrec.train.optim import clip_by_global_norm, lr_schedule, optimizer
 from jaxrec.train.state import TrainState, opt_state_specs
 
 Batch = dict[str, jax.Array]
-FINAL_PHASE = len(WARMUP_RATIOS)
 
 
 def measure_piece_costs(config: ml_collections.ConfigDict, fns: RecommenderFns,
