@@ -12,14 +12,19 @@ checkpoint reported is the one with the best validation NDCG@10 (every 5 epochs)
 from experiments.configs import ml1m_sampled
 
 
-def get_config():
-  c = ml1m_sampled.get_config()
-  c.name = "ml1m_hstu"
+def hstu_block(c, layers: int, heads: int, head_dim: int):
+  """The HSTU block as the published configs set it (in place; returns it)."""
   c.model.block = "hstu"
-  c.model.n_layers = 2
-  c.model.n_heads = 1
-  c.model.hstu_qk_dim = 50
-  c.model.hstu_v_dim = 50
+  c.model.n_layers = layers
+  c.model.n_heads = heads
+  c.model.hstu_qk_dim = head_dim
+  c.model.hstu_v_dim = head_dim
   c.model.final_norm = False
   c.model.time_bias = True
+  return c
+
+
+def get_config():
+  c = hstu_block(ml1m_sampled.get_config(), layers=2, heads=1, head_dim=50)
+  c.name = "ml1m_hstu"
   return c

@@ -5,10 +5,6 @@ from experiments.configs import ml1m_hstu
 
 
 def get_config():
-  c = ml1m_hstu.get_config()
+  c = ml1m_hstu.hstu_block(ml1m_hstu.get_config(), layers=8, heads=2, head_dim=25)
   c.name = "ml1m_hstu_large"
-  c.model.n_layers = 8
-  c.model.n_heads = 2
-  c.model.hstu_qk_dim = 25
-  c.model.hstu_v_dim = 25
   return c

@@ -9,13 +9,18 @@ cosine similarity at evaluation, as the model was trained.
 from experiments.configs import ml1m
 
 
-def get_config():
-  c = ml1m.get_config()
-  c.name = "ml1m_sampled"
+def hstu_loss(c):
+  """HSTU's sampled softmax on a config (in place; returns it)."""
   c.loss.type = "sampled"
   c.loss.negatives = "uniform"
   c.loss.num_negatives = 128
   c.loss.l2_norm = True
   c.loss.temperature = 0.05
   c.loss.logq_correction = False   # uniform negatives: a constant shift, no effect
+  return c
+
+
+def get_config():
+  c = hstu_loss(ml1m.get_config())
+  c.name = "ml1m_sampled"
   return c
