@@ -70,6 +70,7 @@ def test_predicted_step_time_counts_the_bubble():
   assert balance.predicted_step_time(costs, s, layout) == pytest.approx(2 * (8 + 4 - 1))
 
 
+@pytest.mark.slow
 def test_auto_layout_trains_like_the_reference():
   config = tiny_config(**{"pipeline.microbatches": 4, "model.n_layers": 6,
                           "pipeline.layers_per_stage": "auto"})
@@ -78,6 +79,7 @@ def test_auto_layout_trains_like_the_reference():
   assert sum(prog.layout.stages.layers_per_stage) == 6
 
 
+@pytest.mark.slow
 def test_rebalancing_mid_run_keeps_the_state_and_the_loss_curve(tmp_path):
   from experiments.configs import quickstart
   from jaxrec.train.loop import train_and_evaluate

@@ -199,6 +199,7 @@ def run_steps(config, spec, batches, devices: int = 8):
   return prog, state, losses
 
 
+@pytest.mark.slow
 def test_delayed_applies_each_gradient_one_step_late():
   batches = [synthetic_batch(i) for i in range(4)]
   config = tiny_config(**{"dp.mode": "delayed"})
@@ -222,6 +223,7 @@ def test_delayed_applies_each_gradient_one_step_late():
                       jax.device_get(sync_state.params)) < 1e-5
 
 
+@pytest.mark.slow
 def test_local_sgd_every_step_with_sgd_equals_sync():
   common = {"train.optimizer": "sgd", "train.grad_clip": 0.0, "train.lr": 0.5}
   batches = [synthetic_batch(i) for i in range(3)]
@@ -232,6 +234,7 @@ def test_local_sgd_every_step_with_sgd_equals_sync():
   assert max_rel_diff(jax.device_get(local_state.params), jax.device_get(sync_state.params)) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["local_sgd", "diloco"])
 def test_local_modes_match_a_hand_written_optax_reference(mode):
   """Two outer rounds of H=2 on data:4 against plain optax per replica: each replica
@@ -319,6 +322,7 @@ def test_compressed_step_sends_no_fp32_gradient_all_reduce(method):
   assert sent < dense_wire / 2
 
 
+@pytest.mark.slow
 def test_bytes_per_step_shrink_as_expected_on_an_ml1m_sized_model():
   """Wire bytes over data (ring model) from the compiled HLO, ML-1M-sized model."""
   from experiments.configs import ml1m
@@ -339,9 +343,10 @@ def test_bytes_per_step_shrink_as_expected_on_an_ml1m_sized_model():
   assert ratios["sign"] >= 25
 
 
-SWEEP = [("none", "sync"), ("bf16", "sync"), ("int8", "sync"), ("topk", "sync"),
-         ("powersgd", "sync"), ("sign", "sync"), ("none", "delayed"), ("int8", "local_sgd"),
-         ("sign", "diloco")]
+SWEEP = [("none", "sync"), ("int8", "sync"), ("sign", "diloco")] + [
+    pytest.param(*case, marks=pytest.mark.slow)
+    for case in [("bf16", "sync"), ("topk", "sync"), ("powersgd", "sync"), ("sign", "sync"),
+                 ("none", "delayed"), ("int8", "local_sgd")]]
 
 
 @pytest.mark.parametrize("method, mode", SWEEP)

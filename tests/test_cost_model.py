@@ -171,7 +171,8 @@ def brute_force(config, devices: int, hw: Hardware):
   return best
 
 
-@pytest.mark.parametrize("devices, hw", [(4, H100), (8, TOY)], ids=["4xh100", "8xtoy"])
+@pytest.mark.parametrize("devices, hw", [(4, H100), pytest.param(8, TOY, marks=pytest.mark.slow)],
+                         ids=["4xh100", "8xtoy"])
 def test_planner_finds_the_brute_force_best(devices, hw):
   config = planner_config(devices)
   fits, _ = planner.plan(config, NUM_ITEMS, devices, hw)

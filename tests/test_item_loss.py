@@ -199,10 +199,13 @@ SAMPLED = {"loss.type": "sampled", "loss.num_negatives": 64, "loss.token_chunk":
 @pytest.mark.parametrize("spec, overrides", [
     ("data:8", {**SAMPLED}),                         # per-token negatives: same on every mesh
     ("data:4,tensor:2", {**SAMPLED, "loss.shared_negatives": True}),
-    ("data:2,tensor:4", {**SAMPLED, "loss.negatives": "mixed", "loss.l2_norm": True,
-                         "loss.temperature": 0.05, "loss.mask_history": True}),
-    ("data:2,pipe:2,tensor:2", {**SAMPLED, "loss.negatives": "in_batch",
-                                "pipeline.schedule": "1f1b", "pipeline.microbatches": 1}),
+    pytest.param("data:2,tensor:4", {**SAMPLED, "loss.negatives": "mixed", "loss.l2_norm": True,
+                                     "loss.temperature": 0.05, "loss.mask_history": True},
+                 marks=pytest.mark.slow),
+    pytest.param("data:2,pipe:2,tensor:2", {**SAMPLED, "loss.negatives": "in_batch",
+                                            "pipeline.schedule": "1f1b",
+                                            "pipeline.microbatches": 1},
+                 marks=pytest.mark.slow),
 ])
 def test_sampled_softmax_on_meshes_matches_the_reference(spec, overrides):
   check_program(tiny_config(**overrides), spec)

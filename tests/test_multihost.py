@@ -26,6 +26,7 @@ def losses(workdir):
   return [r["loss"] for r in rows if "loss" in r]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
   port = free_port()
   multi = tmp_path / "multi"

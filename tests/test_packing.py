@@ -93,7 +93,8 @@ def test_causality_holds_across_segment_boundaries():
 
 @pytest.mark.parametrize("spec, overrides", [
     ("data:1", {}), ("tensor:2", {}),
-    ("pipe:2", {"pipeline.microbatches": 2, "pipeline.schedule": "1f1b"}),
+    pytest.param("pipe:2", {"pipeline.microbatches": 2, "pipeline.schedule": "1f1b"},
+                 marks=pytest.mark.slow),
 ])
 def test_packed_and_unpacked_batches_give_the_same_loss_and_gradients(spec, overrides):
   config = tiny_config(**{"model.dropout": 0.0, "data.max_len": MAX_LEN,

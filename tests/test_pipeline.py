@@ -82,13 +82,19 @@ def check_against_reference(config, spec):
 
 @pytest.mark.parametrize("spec, overrides", [
     ("pipe:2", {"pipeline.schedule": "gpipe", "pipeline.microbatches": 4}),
-    ("pipe:4", {"pipeline.schedule": "1f1b", "pipeline.microbatches": 4, "model.n_layers": 4}),
-    ("pipe:2", {"pipeline.schedule": "interleaved", "pipeline.virtual_stages": 2,
-                "pipeline.microbatches": 2, "model.n_layers": 4}),
-    ("data:2,pipe:2,tensor:2", {"pipeline.schedule": "gpipe", "pipeline.microbatches": 2}),
+    pytest.param("pipe:4", {"pipeline.schedule": "1f1b", "pipeline.microbatches": 4,
+                            "model.n_layers": 4}, marks=pytest.mark.slow),
+    pytest.param("pipe:2", {"pipeline.schedule": "interleaved", "pipeline.virtual_stages": 2,
+                            "pipeline.microbatches": 2, "model.n_layers": 4},
+                 marks=pytest.mark.slow),
+    pytest.param("data:2,pipe:2,tensor:2", {"pipeline.schedule": "gpipe",
+                                            "pipeline.microbatches": 2},
+                 marks=pytest.mark.slow),
     ("data:2,pipe:2,tensor:2", {"pipeline.schedule": "1f1b", "pipeline.microbatches": 4}),
-    ("data:2,pipe:2,tensor:2", {"pipeline.schedule": "interleaved", "pipeline.virtual_stages": 2,
-                                "pipeline.microbatches": 2, "model.n_layers": 4}),
+    pytest.param("data:2,pipe:2,tensor:2", {"pipeline.schedule": "interleaved",
+                                            "pipeline.virtual_stages": 2,
+                                            "pipeline.microbatches": 2, "model.n_layers": 4},
+                 marks=pytest.mark.slow),
 ])
 def test_every_schedule_matches_reference(spec, overrides):
   check_against_reference(tiny_config(**overrides), spec)
@@ -97,8 +103,10 @@ def test_every_schedule_matches_reference(spec, overrides):
 @pytest.mark.parametrize("spec, overrides", [
     ("pipe:2", {"model.n_layers": 5, "pipeline.layers_per_stage": "3,2",
                 "pipeline.microbatches": 2}),
-    ("data:2,pipe:4", {"model.n_layers": 6, "pipeline.layers_per_stage": "[1, 2, 2, 1]",
-                       "pipeline.schedule": "1f1b", "pipeline.microbatches": 4}),
+    pytest.param("data:2,pipe:4", {"model.n_layers": 6,
+                                   "pipeline.layers_per_stage": "[1, 2, 2, 1]",
+                                   "pipeline.schedule": "1f1b", "pipeline.microbatches": 4},
+                 marks=pytest.mark.slow),
     ("pipe:2,data:2,tensor:2", {"pipeline.remat": "full", "pipeline.microbatches": 2}),
 ])
 def test_uneven_stages_and_remat_match_reference(spec, overrides):
@@ -135,6 +143,7 @@ def test_bad_layer_counts_text_and_microbatches():
     validate(tiny_config(**{"pipeline.microbatches": 3}), MeshShape(pipe=2, data=2))
 
 
+@pytest.mark.slow
 def test_1f1b_holds_less_memory_than_gpipe():
   peaks = {}
   for name in ("gpipe", "1f1b"):
@@ -157,6 +166,7 @@ def test_pipe_axis_bytes_match_the_analytic_volume():
   assert sends and all(c["axes"] == ["pipe"] for c in sends)
 
 
+@pytest.mark.slow
 def test_data_pipe_tensor_trains_the_quickstart_config(tmp_path):
   from experiments.configs import quickstart
   from jaxrec.train.loop import train_and_evaluate
@@ -227,6 +237,7 @@ def hlo_ops(config, spec, devices):
   return sum(1 for line in text.splitlines() if " = " in line and "%" in line)
 
 
+@pytest.mark.slow
 def test_program_size_does_not_grow_with_microbatches():
   """The schedule is data walked by one scan: pipe:4 1F1B with 16 microbatches
   compiles to (nearly) the same program as with 4 (compile-only)."""

@@ -31,6 +31,7 @@ ACTIVATION_HEAVY = {"model.n_layers": 6, "model.d_model": 32, "model.d_ff": 128,
                     "data.max_len": 32, "train.batch_size": 32, "model.dropout": 0.0}
 
 
+@pytest.mark.slow
 def test_remat_full_keeps_less_than_none_and_changes_nothing():
   none, full = (peak(tiny_config(**ACTIVATION_HEAVY, **{"model.remat": p}))
                 for p in ("none", "full"))
@@ -57,6 +58,7 @@ def test_bf16_compute_pipeline_matches_the_bf16_reference():
   assert max_rel_diff(grads, ref_grads) < BF16_RTOL
 
 
+@pytest.mark.slow
 def test_bf16_params_and_optimizer_state_with_an_fp32_master():
   """Storage in bf16 halves params and Adam's moments; the fp32 master copy makes the
   stored params the rounding of what an fp32 run would hold after one step."""

@@ -49,6 +49,7 @@ def uninterrupted(tmp_path_factory):
   return losses(workdir)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_a_step_boundary_and_resume_is_exact(tmp_path, uninterrupted):
   proc = run_cli(tmp_path, "--config.train.checkpoint_every=0", wait=False)
   deadline = time.time() + 300
@@ -68,6 +69,7 @@ def test_sigterm_saves_at_a_step_boundary_and_resume_is_exact(tmp_path, uninterr
   assert losses(tmp_path) == uninterrupted
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_save_leaves_the_previous_checkpoint(tmp_path, uninterrupted):
   rc, _, _ = run_cli(tmp_path, "--config.train.checkpoint_every=4",
                      env={KILL_DURING_SAVE: "8"})
@@ -96,6 +98,7 @@ def small(steps=8, **overrides):
   return c
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path):
   full = tmp_path / "full"
   train_and_evaluate(small(12), full)
@@ -130,9 +133,11 @@ def trees_equal(a, b):
 
 @pytest.mark.parametrize("first, second, overrides", [
     ("data:8", "data:2,pipe:2,tensor:2", {}),
-    ("data:2,pipe:2,tensor:2", "data:8", {}),
-    ("data:8", "pipe:2,data:4", {"model.n_layers": 3, "pipeline.layers_per_stage": "2,1",
-                                 "compression.method": "int8", "compression.min_size": 256}),
+    pytest.param("data:2,pipe:2,tensor:2", "data:8", {}, marks=pytest.mark.slow),
+    pytest.param("data:8", "pipe:2,data:4",
+                 {"model.n_layers": 3, "pipeline.layers_per_stage": "2,1",
+                  "compression.method": "int8", "compression.min_size": 256},
+                 marks=pytest.mark.slow),
 ])
 def test_restore_onto_another_mesh_keeps_params_and_optimizer_exactly(tmp_path, first, second,
                                                                       overrides):
@@ -173,6 +178,7 @@ def test_a_non_finite_step_changes_nothing_but_the_step():
   assert int(m2["skipped"]) == 0 and np.isfinite(float(m2["loss"]))
 
 
+@pytest.mark.slow
 def test_too_many_non_finite_steps_stop_with_the_good_checkpoint_intact(tmp_path):
   config = small(12, **{"train.inject_nonfinite_steps": "5,6,7",
                         "train.max_nonfinite_steps": 3})
@@ -218,7 +224,7 @@ def test_soak_1000_steps_with_random_preemptions(tmp_path):
   train_and_evaluate(config(), cut)
   a = Checkpointer(full / "checkpoints")
   b = Checkpointer(cut / "checkpoints")
-  prog = program(config(), "data:8")
+  _, _, _, prog = loop.build(config())     # the program the runs trained: dataset-sized table
   sa = loop.restore(a, 1000, prog)
   sb = loop.restore(b, 1000, prog)
   assert trees_equal(jax.device_get(sa), jax.device_get(sb))

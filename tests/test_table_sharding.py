@@ -23,10 +23,12 @@ ROWS = {"embedding.sharding": "rows"}
 @pytest.mark.parametrize("spec, overrides", [
     ("data:8", {}),
     ("data:4,tensor:2", {"pipeline.microbatches": 2}),
-    ("data:2,pipe:2,tensor:2", {"pipeline.schedule": "1f1b", "pipeline.microbatches": 2}),
+    pytest.param("data:2,pipe:2,tensor:2", {"pipeline.schedule": "1f1b",
+                                            "pipeline.microbatches": 2},
+                 marks=pytest.mark.slow),
     # rows over data only, copied over replica: the copies' gradients are summed there
     ("replica:2,data:2,tensor:2", {}),
-    ("replica:2,data:4", {"embedding.shard_replica": True}),
+    pytest.param("replica:2,data:4", {"embedding.shard_replica": True}, marks=pytest.mark.slow),
 ])
 def test_rows_sharding_updates_match_the_reference(spec, overrides):
   """Two AdamW steps (clipping, dropout): loss, and the params after, within 1e-5."""

@@ -55,10 +55,12 @@ def test_quickstart_end_to_end_writes_metrics_and_summary(tmp_path):
 @pytest.mark.parametrize("strategy", [
     {},
     # compressor error feedback + DGC momentum, and async-mode replicas + outer momentum
-    {"compression.method": "topk", "compression.momentum": 0.9, "compression.min_size": 512},
-    {"compression.method": "int8", "dp.mode": "diloco", "dp.sync_every": 3},
+    pytest.param({"compression.method": "topk", "compression.momentum": 0.9,
+                  "compression.min_size": 512}, marks=pytest.mark.slow),
+    pytest.param({"compression.method": "int8", "dp.mode": "diloco", "dp.sync_every": 3},
+                 marks=pytest.mark.slow),
     # packed rows: the grain iterator's state (epoch start) comes back from the checkpoint
-    {"data.packing": "greedy", "data.window_stride": 0},
+    pytest.param({"data.packing": "greedy", "data.window_stride": 0}, marks=pytest.mark.slow),
 ])
 def test_resume_continues_with_exactly_the_uninterrupted_losses(tmp_path, strategy):
   def config():
@@ -85,6 +87,7 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
     train_and_evaluate(other, tmp_path)
 
 
+@pytest.mark.slow
 def test_train_command_line_runs(tmp_path):
   cmd = [sys.executable, "-m", "experiments.train", "--cpu_devices=8",
          "--config.mesh=data:4,tensor:2", "--config.train.steps=3",
