@@ -33,14 +33,12 @@ def main(argv):
   del argv
   runtime.setup()
   import jax
-  import ml_collections
   import numpy as np
-  from jaxrec.data import load_dataset
   from jaxrec.serve.servable import Servable
 
   with runtime.user_errors():
     servable = Servable.load(_WORKDIR.value, _MESH.value, _TABLE.value)
-    dataset = load_dataset(ml_collections.ConfigDict(servable.config.to_dict()).data)
+    dataset = servable.dataset()
   test = dataset.test
   rows = np.arange(len(test))
   if _USERS.value:

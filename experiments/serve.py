@@ -34,15 +34,12 @@ def main(argv):
   runtime.setup()
   from aiohttp import web
 
-  import ml_collections
-  from jaxrec.data import load_dataset
   from jaxrec.serve.http import Catalogue, ServeOptions, make_app
   from jaxrec.serve.servable import Servable
 
   with runtime.user_errors():
     servable = Servable.load(_WORKDIR.value, _MESH.value, _TABLE.value)
-    config = ml_collections.ConfigDict(servable.config.to_dict())
-    dataset = load_dataset(config.data)
+    dataset = servable.dataset()
   catalogue = Catalogue.from_dataset(dataset)
   options = ServeOptions(max_batch=_MAX_BATCH.value, max_wait_ms=_MAX_WAIT_MS.value)
   programs = servable.warm_up(options.max_batch, servable.max_len)

@@ -10,6 +10,7 @@ from jaxrec.config import default_config, with_overrides
 from jaxrec.data.batches import to_global
 from jaxrec.mesh import make_mesh
 from jaxrec.models.recommender import RecommenderFns
+from jaxrec.train import reference
 from jaxrec.train.step import TrainProgram
 
 RTOL = 1e-5  # fp32 equivalence tolerance (relative to each leaf's largest entry)
@@ -66,3 +67,23 @@ def max_rel_diff(a, b) -> float:
                          / (float(jnp.max(jnp.abs(jnp.asarray(y, jnp.float32)))) + 1e-30)),
       a, b)
   return max(jax.tree.leaves(diffs))
+
+
+def assert_steps_match_reference(prog, config, steps: int, canon=None):
+  """`steps` train steps of `prog` on synthetic batches equal the 1-device reference:
+  the loss every step and the params after (fp32, RTOL). `canon` maps the program's
+  params to the reference layout (pipelines stack layers per stage)."""
+  canon = canon or (lambda p: jax.device_get(p))
+  state = prog.init_state(0)
+  params, rng = canon(state.params), jax.device_get(state.rng)
+  opt_state = prog.tx.init(params)
+  for step in range(steps):
+    host = synthetic_batch(step)
+    state, metrics = prog.train_step(state, global_batch(prog, host))
+    loss, grads = reference.loss_and_grads(prog.fns, params, host, rng=rng, step=step)
+    params, opt_state = reference.update(prog.tx, params, opt_state, grads,
+                                         config.train.grad_clip)
+    assert abs(float(metrics["loss"]) - float(loss)) <= RTOL * abs(float(loss))
+  assert max_rel_diff(canon(state.params), params) < RTOL
+  return state
+

@@ -4,7 +4,8 @@ import jax
 import pytest
 
 from jaxrec.train import reference
-from tests.helpers import RTOL, global_batch, max_rel_diff, program, synthetic_batch, tiny_config
+from tests.helpers import (RTOL, assert_steps_match_reference, global_batch, max_rel_diff,
+                           program, synthetic_batch, tiny_config)
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +41,5 @@ def test_loss_and_grads_match_reference(config, spec, micro):
 def test_data8_updates_match_reference_over_steps(config, ref_program):
   """Three AdamW steps with clipping and dropout: params stay within 1e-5 relative."""
   prog = program(config, "data:8")
-  state = prog.init_state(0)
-  params, rng = jax.device_get(state.params), jax.device_get(state.rng)
-  opt_state = prog.tx.init(params)
-  for step in range(3):
-    host = synthetic_batch(step)
-    state, metrics = prog.train_step(state, global_batch(prog, host))
-    loss, grads = reference.loss_and_grads(prog.fns, params, host, rng=rng, step=step)
-    params, opt_state = reference.update(prog.tx, params, opt_state, grads,
-                                         config.train.grad_clip)
-    assert float(metrics["loss"]) == pytest.approx(float(loss), rel=RTOL)
-  assert max_rel_diff(jax.device_get(state.params), params) < RTOL
+  state = assert_steps_match_reference(prog, config, 3)
   assert int(state.step) == 3

@@ -9,12 +9,11 @@ from jaxrec.mesh import make_mesh
 from jaxrec.models.recommender import RecommenderFns
 from jaxrec.perf import hlo
 from jaxrec.perf.comm import abstract_batch, comm_report
-from jaxrec.train import reference
 from jaxrec.train.checkpoint import Checkpointer
 from jaxrec.train.loop import restore
 from jaxrec.train.step import TrainProgram
-from tests.helpers import (RTOL, global_batch, max_rel_diff, program, synthetic_batch,
-                           tiny_config)
+from tests.helpers import (assert_steps_match_reference, global_batch, program,
+                           synthetic_batch, tiny_config)
 from tests.test_pipeline import canonical
 
 ROWS = {"embedding.sharding": "rows"}
@@ -35,17 +34,7 @@ def test_rows_sharding_updates_match_the_reference(spec, overrides):
   config = tiny_config(**ROWS, **overrides)
   prog = program(config, spec)
   assert "data" in prog.layout.table_axes
-  state = prog.init_state(0)
-  params, rng = canonical(prog, state.params), jax.device_get(state.rng)
-  opt_state = prog.tx.init(params)
-  for step in range(2):
-    host = synthetic_batch(step)
-    state, metrics = prog.train_step(state, global_batch(prog, host))
-    loss, grads = reference.loss_and_grads(prog.fns, params, host, rng=rng, step=step)
-    params, opt_state = reference.update(prog.tx, params, opt_state, grads,
-                                         config.train.grad_clip)
-    assert float(metrics["loss"]) == pytest.approx(float(loss), rel=RTOL)
-  assert max_rel_diff(canonical(prog, state.params), params) < RTOL
+  assert_steps_match_reference(prog, config, 2, canon=lambda p: canonical(prog, p))
 
 
 def test_rows_sharding_keeps_the_table_and_its_moments_once_per_replica_group():

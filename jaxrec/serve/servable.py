@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from jaxrec.config import ConfigError, validate, with_overrides
+from jaxrec.data import Dataset, load_dataset
 from jaxrec.mesh import make_mesh, mesh_shape
 from jaxrec.models.recommender import RecommenderFns
 from jaxrec.partitioning import batch_spec
@@ -95,6 +96,10 @@ class Servable:
     """Freshly initialised params of `config` (benchmarks: latency needs no training)."""
     config, fns, program = _program(config, num_items, mesh, table, devices, batch_buckets)
     return cls(config, fns, program, program.init_state(config.seed).params, 0)
+
+  def dataset(self) -> Dataset:
+    """The dataset the run trained on: its original ids and the users' histories."""
+    return load_dataset(ml_collections.ConfigDict(self.config.to_dict()).data)
 
   # ---------------------------------------------------------------- recommend
   def recommend(self, histories: Sequence[Sequence[int]], k: int = 10,
