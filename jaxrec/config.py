@@ -45,6 +45,32 @@ class ConfigError(ValueError):
   pass
 
 
+# Fields added after checkpoints were first written whose default is not what those
+# checkpoints did: a saved config without the field was trained with this value.
+BEFORE_FIELD_EXISTED = {("model", "position_origin"): "end"}
+
+
+def saved_config(saved: dict) -> ml_collections.ConfigDict:
+  """A checkpoint's config on today's schema. Fields the checkpoint predates take the
+  behaviour it was trained with (BEFORE_FIELD_EXISTED, else the default), so a run
+  written by an older jaxrec still restores and resumes."""
+  c = default_config()
+  for (section, field), value in BEFORE_FIELD_EXISTED.items():
+    c[section][field] = value
+
+  def merge(into: ml_collections.ConfigDict, values: dict) -> None:
+    for key, value in values.items():
+      if isinstance(value, dict) and isinstance(into.get(key), ml_collections.ConfigDict):
+        merge(into[key], value)
+      else:
+        into[key] = value
+
+  merge(c, saved)
+  if c.pipeline.remat in (True, False):   # before remat policies: a bool
+    c.pipeline.remat = "full" if c.pipeline.remat else "none"
+  return c
+
+
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "default"

@@ -343,9 +343,9 @@ def test_bytes_per_step_shrink_as_expected_on_an_ml1m_sized_model():
   assert ratios["sign"] >= 25
 
 
-SWEEP = [("none", "sync"), ("int8", "sync"), ("sign", "diloco")] + [
+SWEEP = [("none", "sync"), ("int8", "sync")] + [
     pytest.param(*case, marks=pytest.mark.slow)
-    for case in [("bf16", "sync"), ("topk", "sync"), ("powersgd", "sync"), ("sign", "sync"),
+    for case in [("sign", "diloco"), ("bf16", "sync"), ("topk", "sync"), ("powersgd", "sync"), ("sign", "sync"),
                  ("none", "delayed"), ("int8", "local_sgd")]]
 
 

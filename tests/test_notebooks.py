@@ -130,9 +130,8 @@ CHECKS = {"01_small_mesh_exploration": check_small_mesh,
           "03_gradient_compression": check_compression}
 
 
-@pytest.mark.parametrize("name", [
-    name if name.startswith("01") else pytest.param(name, marks=pytest.mark.slow)
-    for name in NAMES])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_in_small_mode(name, kernel_env):
   nb = execute(name)
   CHECKS[name](nb, stdout(nb))

@@ -101,8 +101,8 @@ def test_every_schedule_matches_reference(spec, overrides):
 
 
 @pytest.mark.parametrize("spec, overrides", [
-    ("pipe:2", {"model.n_layers": 5, "pipeline.layers_per_stage": "3,2",
-                "pipeline.microbatches": 2}),
+    pytest.param("pipe:2", {"model.n_layers": 5, "pipeline.layers_per_stage": "3,2",
+                            "pipeline.microbatches": 2}, marks=pytest.mark.slow),
     pytest.param("data:2,pipe:4", {"model.n_layers": 6,
                                    "pipeline.layers_per_stage": "[1, 2, 2, 1]",
                                    "pipeline.schedule": "1f1b", "pipeline.microbatches": 4},

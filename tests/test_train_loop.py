@@ -87,6 +87,29 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
     train_and_evaluate(other, tmp_path)
 
 
+def test_a_checkpoint_older_than_the_schema_still_resumes(tmp_path):
+  """A run written before a config section existed (here: no `embedding`, no
+  model.position_origin — the behaviour then was positions counted from the end)
+  resumes; resuming it with today's default origin is refused by name."""
+  def config(steps, origin):
+    c = small(quickstart.get_config(), steps=steps, checkpoint_every=2)
+    c.model.position_origin = origin
+    return c
+
+  train_and_evaluate(config(2, "end"), tmp_path)
+  meta_file = tmp_path / "checkpoints" / "2" / "meta" / "metadata"   # orbax's JsonSave file
+  meta = json.loads(meta_file.read_text())
+  saved = json.loads(meta["config"])
+  del saved["embedding"], saved["model"]["position_origin"]
+  meta["config"] = json.dumps(saved)
+  meta_file.write_text(json.dumps(meta))
+
+  with pytest.raises(CheckpointMismatchError, match="position_origin = 'end'"):
+    train_and_evaluate(config(4, "start"), tmp_path)
+  train_and_evaluate(config(4, "end"), tmp_path)
+  assert max(losses(tmp_path)) == 4
+
+
 @pytest.mark.slow
 def test_train_command_line_runs(tmp_path):
   cmd = [sys.executable, "-m", "experiments.train", "--cpu_devices=8",

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxrec.config import ConfigError, validate, with_overrides
+from jaxrec.config import ConfigError, saved_config, validate, with_overrides
 from jaxrec.data import Dataset, load_dataset
 from jaxrec.mesh import make_mesh, mesh_shape
 from jaxrec.models.recommender import RecommenderFns
@@ -79,7 +79,7 @@ class Servable:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {folder}; train first or give --workdir of a run")
     meta = ckpt.read_meta(step)
-    saved = ml_collections.ConfigDict(json.loads(meta["config"]))
+    saved = saved_config(json.loads(meta["config"]))
     if "num_items" not in meta:
       raise ConfigError(f"checkpoint {folder / str(step)} has no num_items in its meta (it "
                         "predates serving); retrain it with this version")

@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from jaxrec.config import validate, with_overrides
+from jaxrec.config import saved_config, validate, with_overrides
 from jaxrec.data import Dataset, load_dataset
 from jaxrec.data.batches import TrainStream, process_rows, to_global
 from jaxrec.data.pipeline import train_batches
@@ -150,11 +150,11 @@ def restore(ckpt: Checkpointer, step: int, program: TrainProgram):
   meta = ckpt.read_meta(step)
   check_compatible(meta.get("param_shapes", {}), param_shapes(program.fns.shapes),
                    ckpt.directory / str(step))
-  saved_model = json.loads(meta["config"]).get("model", {}) if "config" in meta else {}
+  saved_model = saved_config(json.loads(meta["config"])).model if "config" in meta else None
   # params of the same shapes that mean something else: refuse rather than mislearn
-  for field, before in (("position_origin", "end"), ("block", "sasrec")):
-    was, now = saved_model.get(field, before), getattr(program.fns.cfg, field)
-    if "config" in meta and was != now:
+  for field in ("position_origin", "block"):
+    was, now = (saved_model or {}).get(field), getattr(program.fns.cfg, field)
+    if saved_model is not None and was != now:
       raise CheckpointMismatchError(
           f"checkpoint {ckpt.directory / str(step)} was trained with model.{field} = "
           f"{was!r}; this run has {now!r}. Resume with --config.model.{field}={was} or "

@@ -24,10 +24,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from absl import logging
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
+from jaxrec.config import saved_config
 from jaxrec.mesh import AXES, MeshShape
 from jaxrec.parallel.pipeline import StageLayout
 from jaxrec.train.state import TrainState
@@ -38,9 +38,7 @@ def saved_program(program: TrainProgram, meta: dict[str, Any]) -> TrainProgram:
   """The TrainProgram the checkpoint was written by, on an abstract mesh. Its stage
   split and head placement are the recorded ones (an "auto" split is not solved
   again: the devices it was measured on may be gone)."""
-  config = ml_collections.ConfigDict(json.loads(meta["config"]))
-  if config.pipeline.get("remat") in (True, False):   # checkpoints before remat policies
-    config.pipeline.remat = "full" if config.pipeline.remat else "none"
+  config = saved_config(json.loads(meta["config"]))
   sizes = parse_mesh(meta["mesh"])
   if sizes.pipe > 1 and "layers_per_stage" in meta:
     config.pipeline.layers_per_stage = ",".join(str(c) for c in meta["layers_per_stage"])
