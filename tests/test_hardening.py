@@ -71,6 +71,28 @@ def test_transient_read_errors_are_retried_and_never_quarantine(tmp_path, monkey
   ckpt.close()
 
 
+def test_an_error_interpreting_a_readable_checkpoint_never_quarantines(tmp_path, monkeypatch):
+  """The bug this pins: a checkpoint older than a config section raised
+  AttributeError (from a KeyError) in our own code, and both good checkpoints of a
+  3-hour run were moved aside as if their files were broken."""
+  config = saved_run(tmp_path)
+  _, _, _, prog = loop.build(config)
+
+  def newer_schema(program, meta):
+    try:
+      return {}["embedding"]
+    except KeyError as e:
+      raise AttributeError("'embedding'") from e
+
+  monkeypatch.setattr(loop.remesh, "saved_program", newer_schema)
+  ckpt = Checkpointer(tmp_path / "checkpoints")
+  with pytest.raises(CheckpointReadError, match="left in place.*AttributeError|AttributeError.*left in place"):
+    loop.restore_latest(ckpt, prog)
+  assert sorted(ckpt.all_steps()) == [2, 4]
+  assert not (tmp_path / "checkpoints-unreadable").exists()
+  ckpt.close()
+
+
 def test_errors_are_classified_by_what_they_prove():
   assert ckpt_lib.is_transient(OSError(errno.ETIMEDOUT, "timed out"))
   assert not ckpt_lib.is_corrupt(OSError(errno.EIO, "I/O error"))

@@ -49,6 +49,12 @@ class CheckpointReadError(RuntimeError):
   """A checkpoint that could not be read for a reason that does not prove it broken."""
 
 
+class CheckpointCorruptError(RuntimeError):
+  """Reading a checkpoint's own files failed in a way that proves them broken. Only
+  this error moves a checkpoint aside: errors raised while *interpreting* a readable
+  checkpoint (our code, a newer schema) say nothing about its files."""
+
+
 def _chain(e: BaseException):
   while e is not None:
     yield e
@@ -89,6 +95,16 @@ def retrying(read, what: str):
       time.sleep(wait)
 
 
+def _read_files(read, what: str):
+  """retrying(read), with errors that prove the files broken as CheckpointCorruptError."""
+  try:
+    return retrying(read, what)
+  except Exception as e:  # noqa: BLE001  (classified here, re-raised otherwise)
+    if is_corrupt(e):
+      raise CheckpointCorruptError(f"{what}: {type(e).__name__}: {str(e)[:300]}") from e
+    raise
+
+
 def param_shapes(params: Any) -> dict[str, list[int]]:
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   return {jax.tree_util.keystr(path): list(x.shape) for path, x in flat}
@@ -124,7 +140,7 @@ class Checkpointer:
       os.kill(os.getpid(), signal.SIGKILL)
 
   def read_meta(self, step: int) -> dict[str, Any]:
-    return retrying(lambda: self.manager.restore(step, args=ocp.args.Composite(
+    return _read_files(lambda: self.manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))["meta"], f"checkpoint {step} metadata")
 
   def read_data_state(self, step: int) -> dict[str, Any] | None:
@@ -140,7 +156,7 @@ class Checkpointer:
 
   def restore(self, step: int, target: Any) -> Any:
     """Restores onto the shapes and shardings carried by `target` (any mesh)."""
-    return retrying(lambda: self.manager.restore(step, args=ocp.args.Composite(
+    return _read_files(lambda: self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target)))["state"], f"checkpoint {step}")
 
   def quarantine(self, step: int) -> Path:

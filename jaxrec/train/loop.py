@@ -38,8 +38,9 @@ from jaxrec.eval.metrics import popularity_metrics
 from jaxrec.mesh import make_mesh, mesh_shape
 from jaxrec.models.recommender import RecommenderFns
 from jaxrec.train import remesh
-from jaxrec.train.checkpoint import (Checkpointer, CheckpointMismatchError, CheckpointReadError,
-                                     check_compatible, dump_json, is_corrupt, param_shapes)
+from jaxrec.train.checkpoint import (Checkpointer, CheckpointCorruptError,
+                                     CheckpointMismatchError, CheckpointReadError,
+                                     check_compatible, dump_json, param_shapes)
 from jaxrec.parallel import balance
 from jaxrec.train.step import TrainProgram, measure_piece_costs
 
@@ -179,16 +180,17 @@ def restore_latest(ckpt: Checkpointer, program: TrainProgram):
       return restore(ckpt, step, program)
     except CheckpointMismatchError:
       raise
-    except Exception as e:  # noqa: BLE001  (classified below)
-      if not is_corrupt(e):
-        raise CheckpointReadError(
-            f"checkpoint {ckpt.directory / str(step)} could not be read ({type(e).__name__}: "
-            f"{str(e)[:300]}); it was left in place because the error does not show it is "
-            "broken. Check the file system and rerun to resume.") from e
-      failures.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
+    except CheckpointCorruptError as e:
+      failures.append(f"step {step}: {e}")
       moved = ckpt.quarantine(step)
       logging.warning("checkpoint at step %d could not be restored (%s); moved it to %s and "
                       "falling back to the previous one", step, failures[-1], moved)
+    except Exception as e:  # noqa: BLE001  (not a broken file: stop, move nothing)
+      raise CheckpointReadError(
+          f"checkpoint {ckpt.directory / str(step)} could not be restored "
+          f"({type(e).__name__}: {str(e)[:300]}); it was left in place because the error "
+          "does not show its files are broken (a file-system error, or this code could "
+          "not interpret it). Fix that and rerun to resume.") from e
   if steps:
     raise RuntimeError(f"no checkpoint in {ckpt.directory} could be restored:\n  " +
                        "\n  ".join(failures))
