@@ -14,7 +14,8 @@ concurrency) at several micro-batch sizes, and reports:
   B/request      bytes the compiled recommend step moves between devices per request
                  (HLO accounting, ring model)
 
-and the cost model's prediction of one batch's latency and the table's memory per
+the latency of one more item through the KV cache against a full recompute (one
+device, the longest test history), and the cost model's prediction of one batch's latency and the table's memory per
 device for H100 and TPU v5p at 1M and 100M items (predicted, not measured). Without
 --workdir the params are freshly initialised (latency does not depend on training).
 Prints a table, writes OUT/serving_tradeoffs.json and a plot.
@@ -71,6 +72,21 @@ def load_test(servable, catalogue, max_batch: int, requests: int, history):
   ms = np.asarray(latencies) * 1e3
   return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
           "req_per_s": requests / wall}
+
+
+def incremental_latency(servable, history: list[int], repeats: int) -> dict:
+  """One more item through the KV cache vs a full recompute of the longer history
+  (one device, median ms of the hidden state; scoring the catalogue is the same for
+  both and left out)."""
+  from jaxrec.serve.incremental import Incremental
+  from jaxrec.timing import median_seconds
+
+  inc = Incremental(servable.fns, servable.params)
+  session = inc.start(history[:-1])
+  full = median_seconds(lambda: inc.start(history).hidden, lambda: (), repeats)
+  step = median_seconds(lambda: inc.append(session, history[-1]).hidden, lambda: (), repeats)
+  return {"history_len": len(history), "full_recompute_ms": full * 1e3,
+          "kv_cache_append_ms": step * 1e3}
 
 
 def hlo_row(servable, max_batch: int):
@@ -143,6 +159,18 @@ def main(argv):
             f"{row['p99_ms']:7.1f} ms  {row['req_per_s']:7.1f} req/s  "
             f"{row['param_mib_per_device'] + row['temp_mib']:7.2f} MiB/device  "
             f"{row['bytes_per_request']:9.0f} B/request", flush=True)
+  one = jax.devices()[:1]
+  with runtime.user_errors():
+    single = (Servable.load(_WORKDIR.value, "data:1", "replicated", devices=one)
+              if _WORKDIR.value else
+              Servable.from_init(config, dataset.num_items, "data:1", "replicated", devices=one))
+  longest = max(range(len(dataset.test)), key=lambda r: len(dataset.test.history_of(r)))
+  incremental = incremental_latency(
+      single, [int(i) for i in dataset.test.history_of(longest)[-config.data.max_len:]],
+      repeats=5 if small else 50)
+  print(f"\nincremental inference, history of {incremental['history_len']} items, 1 device: "
+        f"full recompute {incremental['full_recompute_ms']:.2f} ms, KV-cache append "
+        f"{incremental['kv_cache_append_ms']:.2f} ms")
   predicted = predictions(config.model.d_model, config.model.n_layers, config.data.max_len)
   print("\npredicted (cost model, bf16 table, batch 32):")
   for p in predicted:
@@ -152,7 +180,7 @@ def main(argv):
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   (out / "serving_tradeoffs.json").write_text(json.dumps(
-      {"measured": rows, "predicted": predicted,
+      {"measured": rows, "incremental": incremental, "predicted": predicted,
        "note": "measured on faked CPU devices on one host (latency includes the Python "
                "HTTP stack); predictions are cost-model outputs"}, indent=2))
   import matplotlib
