@@ -36,6 +36,7 @@ BLOCKS = ("sasrec", "hstu")
 LOSS_TYPES = ("full", "sampled")
 TABLE_SHARDINGS = ("tensor", "rows")
 TABLE_OPTIMIZERS = ("adamw", "lazy_adam", "rowwise_adagrad")
+ROW_GRADIENTS = ("exact", "bf16", "int8")
 NEGATIVES = ("uniform", "in_batch", "mixed")
 BALANCE_COSTS = ("device", "timed", "h100", "tpu_v5p", "local")
 BASELINES = ("most_popular", "none")
@@ -156,6 +157,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.embedding.sharding = "tensor"     # "rows": rows and optimizer state over data x tensor
   c.embedding.shard_replica = False   # rows: also split over the replica axis
   c.embedding.optimizer = "adamw"     # adamw (as the dense params) | lazy_adam | rowwise_adagrad
+  c.embedding.row_gradients = "exact"  # rows: looked-up rows' gradients travel to their owners
+                                       # exact (compute dtype) | bf16 | int8 (one scale per row)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
@@ -242,6 +245,13 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
           f"(data x tensor{' x replica' if c.embedding.shard_replica else ''}); "
           f"config.model.item_table_multiple = {c.model.item_table_multiple} must be "
           f"divisible by {group}")
+  _choice(c, "embedding.row_gradients", ROW_GRADIENTS)
+  if c.embedding.row_gradients != "exact" and c.embedding.sharding != "rows":
+    raise ConfigError(
+        f"config.embedding.row_gradients = {c.embedding.row_gradients!r} compresses the "
+        "rows-sharded table's sparse gradient exchange; with embedding.sharding = "
+        f"{c.embedding.sharding!r} there is none. Use embedding.sharding = 'rows' or "
+        "row_gradients = 'exact' (the dense gradients use compression.method)")
   if c.embedding.optimizer != "adamw" and c.train.optimizer != "adamw":
     raise ConfigError(f"config.embedding.optimizer = {c.embedding.optimizer!r} needs "
                       f"config.train.optimizer = 'adamw' (got {c.train.optimizer!r})")

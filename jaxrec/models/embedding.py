@@ -14,6 +14,9 @@ data replicas' tokens, so they meet the table in two ways:
           a sum over tensor). Its transpose is the sparse gradient exchange: the
           looked-up rows' gradients are all-gathered over data — (unique ids, rows),
           bytes in proportion to the ids, never a dense all-reduce of the table.
+          `embedding.row_gradients` = bf16 / int8 sends those rows compressed (int8:
+          one fp32 scale per row, round to nearest; no error feedback, as the lookup
+          keeps no state).
   score   (losses, ranking) the hidden states are all-gathered over data, every
           shard scores them against its rows, and each device keeps its own. Row 0 is padding and rows past the catalogue are padding too (the table
 is padded to a fixed multiple so its shape does not depend on the mesh); neither
@@ -22,6 +25,7 @@ can be a target or win a ranking.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -79,8 +83,7 @@ class ItemEmbedding(nnx.Module):
     unique, inverse = jnp.unique(flat, size=flat.shape[0], fill_value=0, return_inverse=True)
     with jax.named_scope(TABLE_EXCHANGE_SCOPE):
       wanted = lax.all_gather(unique, data, tiled=True)
-      rows = lax.psum_scatter(self._owned_rows(wanted, ctx), data, scatter_dimension=0,
-                              tiled=True)
+      rows = _scatter_rows(self._owned_rows(wanted, ctx), data, ctx.row_gradients)
     rows = tensor.all_reduce(rows, tuple(a for a in ctx.item_axes if a not in data))
     return rows[inverse.reshape(-1)].reshape(*ids.shape, rows.shape[-1])
 
@@ -189,6 +192,43 @@ class ItemEmbedding(nnx.Module):
       ids = lax.all_gather(ids, ctx.item_axes, axis=1, tiled=True, to="invarying")
     vals, pos = lax.top_k(vals, min(k, vals.shape[-1]))
     return jnp.take_along_axis(ids, pos, -1), vals
+
+
+def _scatter_rows(rows: jax.Array, axes: tuple[str, ...], payload: str) -> jax.Array:
+  """Reduce-scatter of looked-up rows over the data axes; its transpose all-gathers
+  the rows' gradients to their owners, in `payload` ("exact": as computed)."""
+  if payload == "exact":
+    return lax.psum_scatter(rows, axes, scatter_dimension=0, tiled=True)
+  return _compressed_scatter(rows, axes, payload)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _compressed_scatter(rows, axes, payload):
+  return lax.psum_scatter(rows, axes, scatter_dimension=0, tiled=True)
+
+
+def _compressed_scatter_fwd(rows, axes, payload):
+  return _compressed_scatter(rows, axes, payload), None
+
+
+def _compressed_scatter_bwd(axes, payload, _, g):
+  if payload == "bf16":   # as raw 16-bit words, or XLA moves the decoding cast first
+    bits = lax.all_gather(lax.bitcast_convert_type(g.astype(jnp.bfloat16), jnp.uint16),
+                          axes, tiled=True)
+    return (lax.bitcast_convert_type(bits, jnp.bfloat16).astype(g.dtype),)
+  scale = jnp.max(jnp.abs(g), axis=-1).astype(jnp.float32) / 127.0
+  q = jnp.round(g / jnp.where(scale > 0, scale, 1.0)[:, None].astype(g.dtype))
+  q = lax.all_gather(jnp.clip(q, -127, 127).astype(jnp.int8), axes, tiled=True)
+  scale = lax.all_gather(scale, axes, tiled=True)
+  return ((q.astype(jnp.float32) * scale[:, None]).astype(g.dtype),)
+
+
+_compressed_scatter.defvjp(_compressed_scatter_fwd, _compressed_scatter_bwd)
+
+
+def row_gradient_bytes(payload: str, d_model: int, act_bytes: int) -> float:
+  """Bytes one looked-up row's gradient takes on the wire."""
+  return {"exact": d_model * act_bytes, "bf16": d_model * 2, "int8": d_model + 4}[payload]
 
 
 def per_device(fn, ctx: Context, *rows: jax.Array):

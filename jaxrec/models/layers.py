@@ -33,6 +33,7 @@ class Context:
   attention: str | None = "xla"       # jax.nn.dot_product_attention implementation
   batch_axes: tuple[str, ...] = ()    # the data axes (in-batch negatives gather over them)
   table_axes: str | tuple[str, ...] | None = None   # the item table's rows' axes (None: tensor_axis)
+  row_gradients: str = "exact"        # rows sharding: how row gradients travel (exact|bf16|int8)
 
   @property
   def item_axes(self) -> tuple[str, ...]:

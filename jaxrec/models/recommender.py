@@ -156,11 +156,13 @@ class RecommenderFns:
   def context(self, tensor_axis: str | tuple[str, ...] | None = None,
               row_keys: jax.Array | None = None, dropout_rate: float | None = None,
               loss_key: jax.Array | None = None, batch_axes: tuple[str, ...] = (),
-              table_axes: tuple[str, ...] | None = None) -> Context:
+              table_axes: tuple[str, ...] | None = None,
+              row_gradients: str = "exact") -> Context:
     return Context(tensor_axis=tensor_axis,
                    dropout_rate=self.cfg.dropout if dropout_rate is None else dropout_rate,
                    row_keys=row_keys, dtype=self.cfg.compute_dtype, loss_key=loss_key,
-                   batch_axes=batch_axes, attention=self.cfg.attention, table_axes=table_axes)
+                   batch_axes=batch_axes, attention=self.cfg.attention, table_axes=table_axes,
+                   row_gradients=row_gradients)
 
   # ------------------------------------------------------------------- pieces
   def item_table(self, params: Params) -> ItemEmbedding:

@@ -113,18 +113,21 @@ def spread_head_bytes(s: StepShape) -> tuple[str, float, float] | None:
 
 
 def table_exchange_bytes(mesh: MeshShape, ids_per_step: float, d_model: int,
-                         act_bytes: int, data_axes: tuple[str, ...]) -> tuple[str, float, float]:
+                         act_bytes: int, data_axes: tuple[str, ...],
+                         grad_row_bytes: float | None = None) -> tuple[str, float, float]:
   """(axis key, payload, wire) bytes per device per step of the rows-sharded table's
   lookups: the de-duplicated ids all-gathered over data, the rows reduce-scattered
   back, and in the backward pass the rows' gradients all-gathered to their owners
-  (buffers sized by the ids a device looks up — its unique ids at most)."""
+  (buffers sized by the ids a device looks up — its unique ids at most).
+  `grad_row_bytes`: one row's gradient on the wire (compressed; default as computed)."""
   group = math.prod(getattr(mesh, a) for a in data_axes)
   if group <= 1:
     return ",".join(data_axes), 0.0, 0.0
   share = (group - 1) / group
   ids = group * ids_per_step * 4
   rows = group * ids_per_step * d_model * act_bytes
-  grads = group * ids_per_step * d_model * act_bytes
+  grads = group * ids_per_step * (d_model * act_bytes if grad_row_bytes is None
+                                  else grad_row_bytes)
   payload = ids + rows + grads
   return ",".join(data_axes), payload, share * payload
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from jaxrec.layout import Layout, analytic_piece_costs
 from jaxrec.models import flops
+from jaxrec.models.embedding import row_gradient_bytes
 from jaxrec.parallel import balance
 from jaxrec.perf import analytic
 from jaxrec.perf.cost_model import LATENCY_STEPS, CommOp, StepProfile
@@ -43,8 +44,10 @@ def table_exchange(lay: Layout) -> tuple[str, float, float]:
   (the embedding lookup of every input position; all zero for tensor sharding)."""
   data = tuple(a for a in lay.table_axes if a in lay.data_axes)
   ids = lay.local_batch * lay.config.data.max_len / (lay.mesh.pipe if lay.pipe_axis else 1)
-  return analytic.table_exchange_bytes(lay.mesh, ids if data else 0.0, lay.model.d_model,
-                                       jnp.dtype(lay.model.compute_dtype).itemsize, data)
+  act = jnp.dtype(lay.model.compute_dtype).itemsize
+  return analytic.table_exchange_bytes(
+      lay.mesh, ids if data else 0.0, lay.model.d_model, act, data,
+      row_gradient_bytes(lay.config.embedding.row_gradients, lay.model.d_model, act))
 
 
 # ---------------------------------------------------------------------------

@@ -251,7 +251,8 @@ class TrainProgram:
     return self.fns.context(tensor_axis=lay.tensor_axis, row_keys=keys,
                             dropout_rate=None if keys is not None else 0.0,
                             loss_key=negatives, batch_axes=lay.data_axes,
-                            table_axes=lay.table_axes if axis == "tensor" else lay.head_axes)
+                            table_axes=lay.table_axes if axis == "tensor" else lay.head_axes,
+                            row_gradients=self.config.embedding.row_gradients)
 
   def _local_grads(self, params, inputs, targets, row_keys, n_targets, negatives):
     """Sum over microbatches of d(loss sum / tokens)/d params, on this device's rows."""
