@@ -17,15 +17,11 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments import runtime
+from experiments import runtime, serving_flags
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "A training run's folder.")
 _K = flags.DEFINE_integer("k", 20, "Recommendations per user.")
 _OUTPUT = flags.DEFINE_string("output", "recs.jsonl", "JSON lines: user, items, scores.")
 _USERS = flags.DEFINE_list("users", [], "Original user ids (default: every evaluated user).")
-_MESH = flags.DEFINE_string("mesh", "data:-1", "Inference mesh (no pipe axis).")
-_TABLE = flags.DEFINE_enum("table", "replicated", ["replicated", "tensor", "rows"],
-                           "Item table layout on the inference mesh.")
 _BATCH = flags.DEFINE_integer("batch", 128, "Users per call.")
 
 
@@ -34,11 +30,8 @@ def main(argv):
   runtime.setup()
   import jax
   import numpy as np
-  from jaxrec.serve.servable import Servable
 
-  with runtime.user_errors():
-    servable = Servable.load(_WORKDIR.value, _MESH.value, _TABLE.value)
-    dataset = servable.dataset()
+  servable, dataset = serving_flags.load()
   test = dataset.test
   rows = np.arange(len(test))
   if _USERS.value:
@@ -66,7 +59,7 @@ def main(argv):
       print(f"\r{done}/{len(rows)} users  {rate:.0f} users/s  ETA "
             f"{(len(rows) - done) / max(rate, 1e-9):.0f}s", end="", flush=True)
   print()
-  summary = Path(_WORKDIR.value) / "summary.json"
+  summary = Path(serving_flags.WORKDIR.value) / "summary.json"
   reported = json.loads(summary.read_text())["test"]["hr@1"] if summary.exists() else None
   print(json.dumps({"users": done, "top1_is_test_item": hits / max(done, 1),
                     "run_test_hr@1": reported, "output": str(out)}))

@@ -17,14 +17,10 @@ import json
 
 from absl import app, flags, logging
 
-from experiments import runtime
+from experiments import runtime, serving_flags
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "A training run's folder.")
 _PORT = flags.DEFINE_integer("port", 8080, "Port on localhost.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to listen on.")
-_MESH = flags.DEFINE_string("mesh", "data:-1", "Inference mesh (no pipe axis).")
-_TABLE = flags.DEFINE_enum("table", "replicated", ["replicated", "tensor", "rows"],
-                           "Item table layout on the inference mesh.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 32, "Requests per device batch at most.")
 _MAX_WAIT_MS = flags.DEFINE_float("max_wait_ms", 5.0, "Wait for more requests this long.")
 
@@ -35,18 +31,16 @@ def main(argv):
   from aiohttp import web
 
   from jaxrec.serve.http import Catalogue, ServeOptions, make_app
-  from jaxrec.serve.servable import Servable
 
-  with runtime.user_errors():
-    servable = Servable.load(_WORKDIR.value, _MESH.value, _TABLE.value)
-    dataset = servable.dataset()
+  servable, dataset = serving_flags.load()
   catalogue = Catalogue.from_dataset(dataset)
   options = ServeOptions(max_batch=_MAX_BATCH.value, max_wait_ms=_MAX_WAIT_MS.value)
   programs = servable.warm_up(options.max_batch, servable.max_len)
   logging.info("compiled %d recommend programs (batch buckets up to %d requests)", programs,
                options.max_batch)
   logging.info("serving step %d of %s on %s (table %s), %d items, %d known users",
-               servable.step, _WORKDIR.value, _MESH.value, _TABLE.value, servable.num_items,
+               servable.step, serving_flags.WORKDIR.value, serving_flags.MESH.value,
+               serving_flags.TABLE.value, servable.num_items,
                len(catalogue.histories))
 
   async def serve() -> None:
