@@ -35,6 +35,7 @@ from jax import lax
 
 from jaxrec.models.layers import Context
 from jaxrec.parallel import tensor
+from jaxrec.parallel.compression import Int8
 from jaxrec.parallel.vma import make_varying, varying_axes
 
 NEG = -1e30
@@ -216,11 +217,10 @@ def _compressed_scatter_bwd(axes, payload, _, g):
     bits = lax.all_gather(lax.bitcast_convert_type(g.astype(jnp.bfloat16), jnp.uint16),
                           axes, tiled=True)
     return (lax.bitcast_convert_type(bits, jnp.bfloat16).astype(g.dtype),)
-  scale = jnp.max(jnp.abs(g), axis=-1).astype(jnp.float32) / 127.0
-  q = jnp.round(g / jnp.where(scale > 0, scale, 1.0)[:, None].astype(g.dtype))
-  q = lax.all_gather(jnp.clip(q, -127, 127).astype(jnp.int8), axes, tiled=True)
-  scale = lax.all_gather(scale, axes, tiled=True)
-  return ((q.astype(jnp.float32) * scale[:, None]).astype(g.dtype),)
+  codec = Int8(block=g.shape[-1], error_feedback=False)    # one scale per row
+  payload = codec.encode(g.astype(jnp.float32), None)
+  payload = jax.tree.map(lambda x: lax.all_gather(x, axes, tiled=True), payload)
+  return (codec.decode(payload).astype(g.dtype),)
 
 
 _compressed_scatter.defvjp(_compressed_scatter_fwd, _compressed_scatter_bwd)
