@@ -59,6 +59,16 @@ VARIANTS: dict[str, dict[str, object]] = {
     "sign/diloco4": {"dp.mode": "diloco", "dp.sync_every": 4, "compression.method": "sign"},
     "powersgd4/local_sgd8": {"dp.mode": "local_sgd", "dp.sync_every": 8,
                              "compression.method": "powersgd"},
+    # the hybrid: the rows-sharded table synchronous (its sparse gradient reaches its
+    # owner every step), only the dense layers local; its row exchange counts as
+    # data-axis bytes like every other collective
+    "rows/sync": {"embedding.sharding": "rows"},
+    "rows/local_sgd4": {"embedding.sharding": "rows", "dp.mode": "local_sgd",
+                        "dp.sync_every": 4},
+    "rows/diloco16": {"embedding.sharding": "rows", "dp.mode": "diloco", "dp.sync_every": 16},
+    "rows-int8/diloco16-int8": {"embedding.sharding": "rows", "embedding.row_gradients": "int8",
+                                "dp.mode": "diloco", "dp.sync_every": 16,
+                                "compression.method": "int8"},
     # two nodes of four devices: reduce inside a node uncompressed, compress across
     "none/sync@2x4": {"mesh": "replica:2,data:4"},
     "int8-hier/sync@2x4": {"mesh": "replica:2,data:4", "compression.method": "int8",

@@ -230,11 +230,15 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
   _choice(c, "embedding.sharding", TABLE_SHARDINGS)
   _choice(c, "embedding.optimizer", TABLE_OPTIMIZERS)
   if c.embedding.sharding == "rows":
-    if c.dp.mode in ("local_sgd", "diloco"):
+    if (c.dp.mode in ("local_sgd", "diloco") and mesh.replica > 1 and
+        not c.embedding.shard_replica):
+      # The hybrid keeps the rows table synchronous (one owner per row); copies over
+      # replica would need their own all-reduce every step, which the local modes
+      # exist to avoid.
       raise ConfigError(
-          f"config.embedding.sharding = 'rows' keeps one copy of each row per model "
-          f"replica group; config.dp.mode = {c.dp.mode!r} keeps a copy per data replica. "
-          "Use dp.mode sync or delayed with rows, or embedding.sharding = 'tensor'")
+          f"config.dp.mode = {c.dp.mode!r} with config.embedding.sharding = 'rows' keeps "
+          f"the table synchronous, split over every data axis; the mesh has replica = "
+          f"{mesh.replica}: set config.embedding.shard_replica = True")
     if c.pipeline.head == "spread" and mesh.pipe > 1:
       raise ConfigError("config.pipeline.head = 'spread' splits the table over pipe; with "
                         "config.embedding.sharding = 'rows' use pipeline.head = 'last'")

@@ -234,37 +234,75 @@ def test_local_sgd_every_step_with_sgd_equals_sync():
   assert max_rel_diff(jax.device_get(local_state.params), jax.device_get(sync_state.params)) < 1e-5
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["local_sgd", "diloco"])
-def test_local_modes_match_a_hand_written_optax_reference(mode):
+def _is_table(path) -> bool:
+  return [getattr(k, "key", None) for k in path] == ["items", "table"]
+
+
+def _clip_table_and_rest_apart(grads, clip: float, clipped: set):
+  """The hybrid's clip: the synced table and the local layers each by their own norm."""
+  flat = jax.tree_util.tree_leaves_with_path(grads)
+  norms = {on: np.sqrt(sum(float(jnp.sum(jnp.square(x))) for p, x in flat
+                           if _is_table(p) == on)) for on in (True, False)}
+  clipped.update(on for on, n in norms.items() if n > clip)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x * min(1.0, clip / (norms[_is_table(p)] + 1e-6)), grads)
+
+
+@pytest.mark.parametrize("mode, rows", [
+    pytest.param("local_sgd", False, marks=pytest.mark.slow),
+    pytest.param("diloco", False, marks=pytest.mark.slow),
+    pytest.param("local_sgd", True, marks=pytest.mark.slow),
+    ("diloco", True),
+])
+def test_local_modes_match_a_hand_written_optax_reference(mode, rows):
   """Two outer rounds of H=2 on data:4 against plain optax per replica: each replica
   takes AdamW steps on its own rows (its loss sum over the global token count, times
   the replica count), keeps its inner Adam state across the average (as DiLoCo's
   Algorithm 1 does), and every H steps the anchor moves by the mean replica delta
   (local SGD) or by an outer Nesterov-SGD step on it (DiLoCo); the replicas restart
   from the anchor. The state's params — what evaluation and checkpoints read — are
-  the anchor."""
+  the anchor.
+
+  With the rows-sharded table (the hybrid) the table is not copied per replica: every
+  step it takes the global gradient (the sum of the replicas' unscaled ones), its
+  one Adam state moves like sync's, and it is clipped apart from the local layers."""
   replicas, every = 4, 2
   config = tiny_config(**{"dp.mode": mode, "dp.sync_every": every, "model.dropout": 0.0,
-                          "dp.outer_lr": 0.7, "dp.outer_momentum": 0.9})
+                          "dp.outer_lr": 0.7, "dp.outer_momentum": 0.9,
+                          "embedding.sharding": "rows" if rows else "tensor",
+                          # with rows, a clip the table's norm (~0.6) and some replicas'
+                          # local norms (0.4-0.57) exceed: each group by its own
+                          "train.grad_clip": 0.5 if rows else 1.0})
   batches = [synthetic_batch(i) for i in range(2 * every)]
   prog, state, _ = run_steps(config, f"data:{replicas}", batches, replicas)
+  assert rows == any(jax.tree.leaves(prog.dp.synced))
   init = prog.init_state(0)
   anchor = jax.device_get(init.params)
   local = [anchor] * replicas
   inner = [prog.tx.init(anchor) for _ in range(replicas)]
   outer_tx = optax.sgd(0.7, momentum=0.9, nesterov=True)
   outer = outer_tx.init(anchor)
-  rows = BATCH // replicas
+  rows_per = BATCH // replicas
+  clip, clipped = config.train.grad_clip, set()
   for t, b in enumerate(batches):
     total = (b["targets"] > 0).sum()
+    grads = []
     for r in range(replicas):
-      sub = {k: v[r * rows:(r + 1) * rows] for k, v in b.items()}
+      sub = {k: v[r * rows_per:(r + 1) * rows_per] for k, v in b.items()}
       _, g = reference.loss_and_grads(prog.fns, local[r], sub, step=t)
-      scale = (sub["targets"] > 0).sum() * replicas / total
-      g = jax.tree.map(lambda x, s=scale: x * s, g)
-      local[r], inner[r] = reference.update(prog.tx, local[r], inner[r], g,
-                                            config.train.grad_clip)
+      share = (sub["targets"] > 0).sum() / total
+      grads.append(jax.tree.map(lambda x, s=share: x * s, g))
+    table_grad = sum(g["items"]["table"] for g in grads)
+    for r in range(replicas):
+      g = jax.tree.map(lambda x: x * replicas, grads[r])
+      if rows:
+        g["items"]["table"] = table_grad
+        g = _clip_table_and_rest_apart(g, clip, clipped)
+        local[r], inner[r] = reference.update(prog.tx, local[r], inner[r], g, 0.0)
+      else:
+        local[r], inner[r] = reference.update(prog.tx, local[r], inner[r], g, clip)
+    if rows:   # one table, updated every step: the anchor's too
+      anchor = {**anchor, "items": {**anchor["items"], "table": local[0]["items"]["table"]}}
     if (t + 1) % every == 0:
       mean_delta = jax.tree.map(lambda a, *ps: a - sum(ps) / replicas, anchor, *local)
       if mode == "diloco":
@@ -274,9 +312,12 @@ def test_local_modes_match_a_hand_written_optax_reference(mode):
         anchor = jax.tree.map(lambda a, d: a - d, anchor, mean_delta)
       local = [anchor] * replicas
   assert max_rel_diff(jax.device_get(state.params), anchor) < 1e-5
+  if rows:   # both groups' clips fired (the reference's numbers say which when)
+    assert clipped == {True, False}, clipped
   got_inner = jax.device_get(state.dp_state["local_opt"])
   for r in range(replicas):
-    assert max_rel_diff(jax.tree.map(lambda x, r=r: x[r], got_inner), inner[r]) < 1e-5
+    mine = jax.tree.map(lambda x, on, r=r: x if on else x[r], got_inner, prog.dp.opt_synced)
+    assert max_rel_diff(mine, inner[r]) < 1e-5
   if mode == "diloco":   # the momentum holds deltas (anchor - replica): fp32 cancellation
     assert max_rel_diff(jax.device_get(state.dp_state["outer_opt"]), outer) < 1e-4
 

@@ -178,3 +178,64 @@ def test_row_gradients_without_rows_sharding_is_a_clear_error():
   from jaxrec.mesh import MeshShape
   with pytest.raises(ConfigError, match="row_gradients = 'int8'.*embedding.sharding = 'rows'"):
     validate(tiny_config(**{"embedding.row_gradients": "int8"}), MeshShape(data=8))
+
+
+def test_hybrid_local_modes_keep_the_table_synchronous_and_sparse():
+  """rows + local SGD: the table has no per-replica copy (params or moments), its
+  sparse exchange runs every step, and only the dense layers' average is 1/H."""
+  every = 4
+  sync = program(tiny_config(**ROWS), "data:4,tensor:2")
+  hybrid = program(tiny_config(**ROWS, **{"dp.mode": "local_sgd", "dp.sync_every": every}),
+                   "data:4,tensor:2")
+  state = hybrid.init_state(0)
+  assert state.dp_state["local_params"]["items"]["table"] is None
+  mu = state.dp_state["local_opt"][0].mu["items"]["table"]
+  assert mu.addressable_shards[0].data.shape[0] == mu.shape[0] // 8
+  layer = state.dp_state["local_params"]["layers"]
+  assert all(x.shape[0] == 4 for x in jax.tree.leaves(layer))   # one copy per replica
+  sync_report, hybrid_report = comm_report(sync), comm_report(hybrid)
+  assert (hybrid_report["table_exchange"]["measured_wire_bytes"] ==
+          sync_report["table_exchange"]["measured_wire_bytes"])
+  dense = sync.layout.grad_sync.analytic_bytes()["data"][1]   # ring wire bytes per sync
+  saved = (sync_report["wire_bytes_by_axis"]["data"] -
+           hybrid_report["wire_bytes_by_axis"]["data"])
+  assert saved == pytest.approx(dense * (1 - 1 / every), rel=0.01)
+
+
+def test_hybrid_with_a_replica_axis_needs_the_table_split_over_it_too():
+  from jaxrec.config import ConfigError, validate
+  from jaxrec.mesh import MeshShape
+  config = tiny_config(**ROWS, **{"dp.mode": "diloco"})
+  with pytest.raises(ConfigError, match="replica = 2.*shard_replica = True"):
+    validate(config, MeshShape(replica=2, data=4))
+  config.embedding.shard_replica = True
+  validate(config, MeshShape(replica=2, data=4))
+
+
+def test_hybrid_checkpoint_restores_onto_another_mesh(tmp_path):
+  """rows + DiLoCo from data:4,tensor:2 to data:8: the anchor comes back as saved,
+  the table's one Adam state as saved, the dense layers' replicas as their mean."""
+  hybrid = {**ROWS, "dp.mode": "diloco", "dp.sync_every": 4}
+  first = program(tiny_config(**hybrid), "data:4,tensor:2")
+  state = first.init_state(0)
+  for seed in (4, 5):   # two local steps: the replicas differ, no average yet
+    state, _ = first.train_step(state, global_batch(first, synthetic_batch(seed)))
+  ckpt = Checkpointer(tmp_path / "ck", async_save=False)
+  from jaxrec.train.loop import checkpoint_meta
+  ckpt.save(2, state, checkpoint_meta(first, 2))
+  second = program(tiny_config(**hybrid), "data:8")
+  restored = restore(ckpt, 2, second)
+  saved, got = jax.device_get(state), jax.device_get(restored)
+  np.testing.assert_array_equal(saved.params["items"]["table"], got.params["items"]["table"])
+  table_mu = lambda s: s.dp_state["local_opt"][0].mu["items"]["table"]  # noqa: E731
+  np.testing.assert_array_equal(table_mu(saved), table_mu(got))
+  saved_ff = saved.dp_state["local_params"]["layers"]["mlp"]["w_in"]
+  assert not np.allclose(saved_ff[0], saved_ff[1])
+  got_ff = got.dp_state["local_params"]["layers"]["mlp"]["w_in"]
+  assert got_ff.shape[0] == 8
+  np.testing.assert_allclose(got_ff, np.broadcast_to(saved_ff.mean(0), got_ff.shape),
+                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(got.params["layers"]["mlp"]["w_in"], saved_ff.mean(0),
+                             rtol=1e-6, atol=1e-7)
+  state, _ = second.train_step(restored, global_batch(second, synthetic_batch(6)))
+  ckpt.close()

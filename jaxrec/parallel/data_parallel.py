@@ -16,7 +16,11 @@ Modes (`config.dp.mode`):
   diloco     as local_sgd, but the averaged delta is the gradient of an outer
              Nesterov-momentum SGD step on the shared parameters (Douillard et al.).
 Per-replica copies live in arrays sharded over the data axes, so checkpoints hold
-them like any other state.
+them like any other state. In the local modes a leaf that is itself split over the
+data axes (the rows-sharded item table, `embedding.sharding = 'rows'`) has no
+per-replica copy: its sparse gradient already reaches its one owner every step
+through the lookup's exchange, so it is updated every step like `sync` — the
+hybrid: the table synchronous and sparse, the dense layers local.
 """
 
 from __future__ import annotations
@@ -41,8 +45,9 @@ from jaxrec.partitioning import spec_mesh_axes
 DELAYED_SCOPE = "dp_update_after_first_step"
 AVERAGE_SCOPE = "dp_average_every_h"
 
-# (grads, opt_state, params) -> (new params, new opt_state, grad norm)
-Optimize = Callable[[Any, Any, Any], tuple[Any, Any, jax.Array]]
+# (grads, opt_state, params, synced leaves or None) -> (params, opt_state, grad norm);
+# with a synced mask, synced and local leaves are clipped by their own norms.
+Optimize = Callable[[Any, Any, Any, Any], tuple[Any, Any, jax.Array]]
 
 
 def sum_over_stages(grads: Any, specs: Any, axis: str = "pipe") -> Any:
@@ -231,6 +236,16 @@ def _is_shape(x) -> bool:
   return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
 
 
+def _is_spec(x) -> bool:
+  return isinstance(x, P)
+
+
+def synced_leaves(specs: Any, data_axes: tuple[str, ...]) -> Any:
+  """Per leaf: is it split over a data axis (one owner, updated every step)?"""
+  return jax.tree.map(lambda s: bool(spec_mesh_axes(s) & set(data_axes)), specs,
+                      is_leaf=_is_spec)
+
+
 def replica_specs(param_specs: Any, mesh: MeshShape) -> Any:
   """Specs of per-replica copies [data_size, *param]: leading dim over the data axes."""
   axes = tuple(a for a in DATA_AXES if getattr(mesh, a) > 1)
@@ -242,7 +257,8 @@ class DataParallel:
   """One data-parallel mode: what state it keeps and how a step's gradients apply."""
 
   def __init__(self, dp: ml_collections.ConfigDict, sync: GradientSync, mesh: MeshShape,
-               param_specs: Any, param_shapes: Any, tx: optax.GradientTransformation):
+               param_specs: Any, param_shapes: Any, tx: optax.GradientTransformation,
+               opt_specs: Any):
     self.mode = dp.mode
     self.every = max(int(dp.sync_every), 1)
     self.sync = sync
@@ -254,6 +270,10 @@ class DataParallel:
                               nesterov=dp.outer_momentum > 0)
     self.data_size = mesh.data_size
     self.data_axes = sync.data_axes
+    self.opt_specs = opt_specs
+    # Leaves split over the data axes have one owner, not a copy per replica.
+    self.synced = synced_leaves(param_specs, self.data_axes)
+    self.opt_synced = synced_leaves(opt_specs, self.data_axes)
 
   @property
   def local(self) -> bool:
@@ -274,9 +294,7 @@ class DataParallel:
       return {"pending": jax.tree.map(lambda s: jnp.zeros(s, jnp.float32),
                                       self.sync.pending_shapes(), is_leaf=_is_shape)}
     if self.local:
-      rep = lambda x: jnp.broadcast_to(x, (self.data_size, *x.shape))  # noqa: E731
-      state = {"local_params": jax.tree.map(rep, params),
-               "local_opt": jax.tree.map(rep, opt_state)}
+      state = self.replicate(params, opt_state)
       if self.mode == "diloco":
         state["outer_opt"] = self.outer_tx.init(params)
       return state
@@ -286,8 +304,12 @@ class DataParallel:
     if self.mode == "delayed":
       return {"pending": self.sync.pending_specs()}
     if self.local:
-      specs = {"local_params": replica_specs(self.param_specs, self.mesh),
-               "local_opt": replica_specs(opt_specs, self.mesh)}
+      params = replica_specs(self.param_specs, self.mesh)
+      opt = replica_specs(opt_specs, self.mesh)
+      specs = {"local_params": jax.tree.map(lambda s, on: None if on else s, params,
+                                            self.synced, is_leaf=_is_spec),
+               "local_opt": jax.tree.map(lambda s, o, on: o if on else s, opt, opt_specs,
+                                         self.opt_synced, is_leaf=_is_spec)}
       if self.mode == "diloco":
         outer_shapes = jax.eval_shape(self.outer_tx.init, self.param_shapes)
         specs["outer_opt"] = optax.tree_map_params(
@@ -298,10 +320,30 @@ class DataParallel:
 
   # ------------------------------------------------------------------- step
   def working_params(self, params: Any, dp_state: Any) -> Any:
-    """The params this device differentiates: its own replica's in the local modes."""
+    """The params this device differentiates: its own replica's in the local modes
+    (and the shared synced leaves)."""
     if self.local:
-      return jax.tree.map(lambda x: x[0], dp_state["local_params"])
+      return jax.tree.map(lambda p, x: p if x is None else x[0], params,
+                          dp_state["local_params"])
     return params
+
+  def replicate(self, params: Any, opt_state: Any) -> dict[str, Any]:
+    """One copy of params and inner optimizer state -> the per-replica copies
+    (global arrays; the synced leaves stay single: no params copy, one state)."""
+    rep = lambda x: jnp.broadcast_to(x, (self.data_size, *x.shape))  # noqa: E731
+    return {"local_params": jax.tree.map(lambda x, on: None if on else rep(x), params,
+                                         self.synced),
+            "local_opt": jax.tree.map(lambda x, on: x if on else rep(x), opt_state,
+                                      self.opt_synced)}
+
+  def collapse(self, params: Any, dp_state: Any) -> tuple[Any, Any]:
+    """The per-replica copies (global arrays) -> one copy of params and inner
+    optimizer state: their mean, the synced leaves as they are."""
+    local = jax.tree.map(lambda p, x: p if x is None else x.mean(axis=0), params,
+                         dp_state["local_params"])
+    opt = jax.tree.map(lambda x, on: x if on else x.mean(axis=0), dp_state["local_opt"],
+                       self.opt_synced)
+    return local, opt
 
   def apply(self, grads: Any, params: Any, opt_state: Any, dp_state: Any, comp_state: Any,
             step: jax.Array, optimize: Optimize, key: jax.Array | None, phase: int):
@@ -311,14 +353,14 @@ class DataParallel:
     """
     if self.mode == "sync":
       total, comp_state = self.sync(grads, comp_state, key, phase)
-      params, opt_state, norm = optimize(total, opt_state, params)
+      params, opt_state, norm = optimize(total, opt_state, params, None)
       return params, opt_state, dp_state, comp_state, norm
     if self.mode == "delayed":
       previous = self.sync.unwrap_leaves(dp_state["pending"])
       total, comp_state = self.sync(previous, comp_state, key, phase)
       with jax.named_scope(DELAYED_SCOPE):
         params, opt_state, norm = lax.cond(
-            step > 0, lambda: optimize(total, opt_state, params),
+            step > 0, lambda: optimize(total, opt_state, params, None),
             lambda: (params, opt_state, jnp.zeros((), jnp.float32)))
       pending = self.sync.wrap_leaves(jax.tree.map(lambda g: g.astype(jnp.float32), grads))
       return params, opt_state, {"pending": pending}, comp_state, norm
@@ -330,10 +372,16 @@ class DataParallel:
     # A replica's gradient of (its CE sum / global tokens) times the replica count is
     # an unbiased estimate of the global mean gradient: one local step is then a
     # full-size step, and averaging replicas after one step equals a sync step.
-    grads = jax.tree.map(lambda g: g * self.data_size, grads)
-    local_params = jax.tree.map(lambda x: x[0], dp_state["local_params"])
-    local_opt = jax.tree.map(lambda x: x[0], dp_state["local_opt"])
-    local_params, local_opt, norm = optimize(grads, local_opt, local_params)
+    # A synced leaf's gradient is already the global one (summed on its owner).
+    grads = jax.tree.map(lambda g, on: g if on else g * self.data_size, grads, self.synced)
+    local_params = self.working_params(anchor, dp_state)
+    local_opt = jax.tree.map(lambda x, on: x if on else x[0], dp_state["local_opt"],
+                             self.opt_synced)
+    local_params, local_opt, norm = optimize(grads, local_opt, local_params, self.synced)
+    # Synced leaves move every step, so their delta below is zero: local SGD leaves
+    # them alone, and DiLoCo's outer momentum on them stays zero.
+    anchor = jax.tree.map(lambda a, p, on: p if on else a, anchor, local_params,
+                          self.synced)
     outer_opt = dp_state.get("outer_opt")
 
     def average(anchor, outer_opt, comp_state, local_params):
@@ -355,8 +403,10 @@ class DataParallel:
       anchor, outer_opt, comp_state, local_params = lax.cond(
           (step + 1) % self.every == 0, average, keep, anchor, outer_opt, comp_state,
           local_params)
-    new = {"local_params": jax.tree.map(lambda x: x[None], local_params),
-           "local_opt": jax.tree.map(lambda x: x[None], local_opt)}
+    new = {"local_params": jax.tree.map(lambda x, on: None if on else x[None], local_params,
+                                        self.synced),
+           "local_opt": jax.tree.map(lambda x, on: x if on else x[None], local_opt,
+                                     self.opt_synced)}
     if outer_opt is not None:
       new["outer_opt"] = outer_opt
     return anchor, new, comp_state, norm

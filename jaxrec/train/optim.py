@@ -192,12 +192,29 @@ def global_norm(tree: Any, specs: Any) -> jax.Array:
   return jnp.sqrt(total)
 
 
-def clip_by_global_norm(tree: Any, specs: Any, max_norm: float) -> tuple[Any, jax.Array]:
-  norm = global_norm(tree, specs)
+def clip_by_global_norm(tree: Any, specs: Any, max_norm: float,
+                        groups: Any = None) -> tuple[Any, jax.Array]:
+  """Clips `tree` to `max_norm`; returns (clipped, norm before clipping).
+
+  `groups` (a tree of bools like `tree`) clips the True and the False leaves each
+  by their own norm: the local data-parallel modes clip a replica's local gradient
+  without letting it rescale the synced table's shared one (and vice versa)."""
+  if groups is None:
+    norm = global_norm(tree, specs)
+    if max_norm <= 0:
+      return tree, norm
+    scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), tree), norm
+  flags = jax.tree.leaves(groups)
+  leaves, spec_leaves = jax.tree.leaves(tree), jax.tree.leaves(specs, is_leaf=_is_spec)
+  norms = {want: global_norm([x for x, on in zip(leaves, flags) if on == want],
+                             [s for s, on in zip(spec_leaves, flags) if on == want])
+           for want in (True, False)}
+  norm = jnp.sqrt(norms[True] ** 2 + norms[False] ** 2)
   if max_norm <= 0:
     return tree, norm
-  scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
-  return jax.tree.map(lambda g: g * scale.astype(g.dtype), tree), norm
+  scales = {k: jnp.minimum(1.0, max_norm / (n + 1e-6)) for k, n in norms.items()}
+  return jax.tree.map(lambda g, on: g * scales[on].astype(g.dtype), tree, groups), norm
 
 
 def _is_spec(x) -> bool:

@@ -99,13 +99,12 @@ def convert(program, old, saved: TrainState) -> TrainState:
         _same_shapes(saved.dp_state, target.dp_state)):
       dp_state = saved.dp_state
     if program.dp.local and old.dp.local:
-      mean = lambda t: jax.tree.map(lambda x: x.mean(axis=0), t)  # noqa: E731
-      replicas = relayout_layers(mean(saved.dp_state["local_params"]), old.layout.stages)
-      local_opt = relayout_layers(mean(saved.dp_state["local_opt"]), old.layout.stages)
+      replicas, local_opt = old.dp.collapse(saved.params, saved.dp_state)
+      replicas = relayout_layers(replicas, old.layout.stages)
+      local_opt = relayout_layers(local_opt, old.layout.stages)
       anchor = replicas
       dp_state = dict(new.dp_state)
-      dp_state["local_params"] = _broadcast_replicas(replicas, program)
-      dp_state["local_opt"] = _broadcast_replicas(local_opt, program)
+      dp_state.update(program.dp.replicate(replicas, local_opt))
       if "outer_opt" in dp_state and "outer_opt" in saved.dp_state:
         dp_state["outer_opt"] = relayout_layers(saved.dp_state["outer_opt"], old.layout.stages)
       new = new.replace(params=anchor)
@@ -133,7 +132,3 @@ def convert(program, old, saved: TrainState) -> TrainState:
 def _same_shapes(a: Any, b: Any) -> bool:
   return (jax.tree.structure(a) == jax.tree.structure(b) and
           all(x.shape == y.shape for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
-
-
-def _broadcast_replicas(tree: Any, program) -> Any:
-  return jax.tree.map(lambda x: jnp.broadcast_to(x, (program.shape.data_size, *x.shape)), tree)

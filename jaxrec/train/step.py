@@ -85,11 +85,11 @@ class TrainProgram:
     self.inject_nonfinite = tuple(
         int(x) for x in str(config.train.inject_nonfinite_steps).split(",") if x.strip())
     lay = self.layout
-    self.dp = DataParallel(config.dp, lay.grad_sync, lay.mesh, lay.param_specs,
-                           lay.param_shapes, self.tx)
     opt_specs = opt_state_specs(jax.eval_shape(self.tx.init, lay.param_shapes),
                                 lay.param_shapes,
                                 lay.param_specs)
+    self.dp = DataParallel(config.dp, lay.grad_sync, lay.mesh, lay.param_specs,
+                           lay.param_shapes, self.tx, opt_specs)
     self.state_specs = TrainState(
         step=P(), params=lay.param_specs,
         opt_state={} if self.dp.local else opt_specs,
@@ -178,9 +178,9 @@ class TrainProgram:
     return new_state, {"loss": loss, "grad_norm": grad_norm, "tokens": tokens,
                        "skipped": (~finite).astype(jnp.int32)}
 
-  def _optimize(self, grads, opt_state, params):
+  def _optimize(self, grads, opt_state, params, synced=None):
     grads, norm = clip_by_global_norm(grads, self.layout.param_specs,
-                                      self.config.train.grad_clip)
+                                      self.config.train.grad_clip, synced)
     updates, opt_state = self.tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, norm
 
