@@ -93,6 +93,13 @@ CASES = [
     ("data:8", {}),
     ("data:4,tensor:2", {}),
     ("tensor:4,data:2", {}),
+    # rows table: its lookup exchange and the head's gathered tokens and statistics
+    ("data:8", {"embedding.sharding": "rows"}),
+    ("data:2,pipe:2,tensor:2", {"embedding.sharding": "rows", "pipeline.head": "last",
+                                "pipeline.schedule": "1f1b", "pipeline.microbatches": 2}),
+    # the hybrid: rows table exchanged every step, dense layers averaged every 4
+    ("data:4,tensor:2", {"embedding.sharding": "rows", "dp.mode": "local_sgd",
+                         "dp.sync_every": 4}),
     ("data:8", {"compression.method": "int8"}),
     ("replica:2,data:4", {"compression.method": "int8", "compression.hierarchical": True}),
     ("data:2,pipe:2,tensor:2", {"pipeline.schedule": "1f1b", "pipeline.microbatches": 4}),
@@ -190,6 +197,19 @@ def test_planner_drops_plans_that_do_not_fit_memory():
   assert fits and all(c.profile.peak_memory_bytes <= 30e6 for c in fits)
   # the replicated table does not fit, so data-only is among the rejected
   assert any(c.shape == MeshShape(data=4) for c in rejected)
+
+
+def test_planner_offers_the_hybrid_to_local_modes():
+  """With dp.mode = diloco the rows table is a candidate (kept synchronous); with a
+  replica axis it is split over replica too, and the plan builds."""
+  config = planner_config(8)
+  config.dp.mode = "diloco"
+  tables = [v for v in planner.variants(config, MeshShape(replica=2, data=4))
+            if v.get("embedding.sharding") == "rows"]
+  assert tables and all(v["embedding.shard_replica"] for v in tables)
+  run = with_overrides(config, {"mesh": "replica:2,data:4", **tables[0]})
+  prog = program(run, run.mesh)
+  assert set(prog.layout.table_axes) >= {"replica", "data"}
 
 
 def test_a_plan_runs_with_its_own_overrides():

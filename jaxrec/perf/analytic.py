@@ -50,6 +50,7 @@ class StepShape:
   virtual_stages: int = 1
   head_spread: bool = False   # pipeline head scored by every stage (see parallel/pipeline)
   block: str = "sasrec"       # hstu: 2 activation all-reduces per layer + 2 [B, T] statistics
+  table_data: int = 1         # data-axis devices the item table's rows are split over
 
   @property
   def local_batch(self) -> int:
@@ -84,6 +85,8 @@ def tensor_bytes(s: StepShape) -> float:
     layers = 4 * s.n_layers / p * act
   if s.head_spread and p > 1:   # the head's hidden-state gradient: one all-reduce here
     return layers + act / p + act
+  if s.table_data > 1:   # rows table: only the lookup's rows are summed over tensor here;
+    return layers + act / p   # the head's statistics go over data x tensor (rows_head_bytes)
   stats = 3 * tokens * FP32
   return layers + (2 * act + stats) / p
 
@@ -110,6 +113,27 @@ def spread_head_bytes(s: StepShape) -> tuple[str, float, float] | None:
   payload = 3 * s.local_batch * s.seq_len * FP32
   key = "pipe,tensor" if s.mesh.tensor > 1 else "pipe"
   return key, payload, 2 * (n - 1) / n * payload
+
+
+def rows_head_bytes(s: StepShape, item_key: str, data_key: str
+                    ) -> tuple[tuple[str, float, float], ...]:
+  """The full-softmax head over a rows-sharded table: every device scores the whole
+  data group's tokens against its rows, so the tokens' hidden states and targets are
+  all-gathered over data (plus one per-token all-reduce there), and the per-token
+  statistics (max, sum of exponentials, target logit) and the softmax-weighted sum of
+  item rows [tokens, D] are all-reduced over the table's axes (data x tensor) — the
+  last one also carries the hidden-state gradient, so nothing is reduce-scattered."""
+  if s.table_data <= 1:
+    return ()
+  dg = s.table_data
+  g = dg * s.mesh.tensor
+  tokens = s.local_batch * s.seq_len * dg / s.mesh.pipe   # the head runs on one stage
+  gathered = tokens * (s.d_model * s.act_bytes + FP32)
+  reduced = tokens * FP32
+  data_share = (dg - 1) / dg
+  stats = tokens * (3 + s.d_model) * FP32
+  return ((data_key, gathered + reduced, data_share * (gathered + 2 * reduced)),
+          (item_key, stats, 2 * (g - 1) / g * stats))
 
 
 def table_exchange_bytes(mesh: MeshShape, ids_per_step: float, d_model: int,

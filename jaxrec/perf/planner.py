@@ -110,10 +110,16 @@ def variants(config: ml_collections.ConfigDict, shape: MeshShape,
   else:
     comps = [{"compression.method": c} for c in compressions]
   tables = [{}]
-  if shape.data_size > 1 and config.dp.mode in ("sync", "delayed"):
-    group = shape.data * shape.tensor
-    multiple = math.lcm(config.model.item_table_multiple, group)
-    tables.append({"embedding.sharding": "rows", "model.item_table_multiple": multiple})
+  if shape.data_size > 1:
+    # the local modes keep a rows table synchronous (the hybrid): it must then be
+    # split over replica too, or its copies there would need a sync of their own
+    over_replica = config.dp.mode in ("local_sgd", "diloco") and shape.replica > 1
+    group = shape.data * shape.tensor * (shape.replica if over_replica else 1)
+    rows = {"embedding.sharding": "rows",
+            "model.item_table_multiple": math.lcm(config.model.item_table_multiple, group)}
+    if over_replica:
+      rows["embedding.shard_replica"] = True
+    tables.append(rows)
   for p, t, c in itertools.product(pipes, tables, comps):
     yield {**p, **t, **c}
 

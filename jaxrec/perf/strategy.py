@@ -17,6 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxrec.layout import Layout, analytic_piece_costs
+from jaxrec.mesh import AXES
 from jaxrec.models import flops
 from jaxrec.models.embedding import row_gradient_bytes
 from jaxrec.parallel import balance
@@ -31,12 +32,18 @@ def analytic_volumes(lay: Layout) -> tuple[dict[str, float], dict[str, float]]:
       d_model=lay.model.d_model, n_layers=lay.model.n_layers,
       act_bytes=jnp.dtype(lay.model.compute_dtype).itemsize,
       virtual_stages=lay.stages.virtual, head_spread=lay.head_spread,
-      block=lay.model.block)
+      block=lay.model.block, table_data=math.prod(
+          getattr(lay.mesh, a) for a in lay.table_axes if a in lay.data_axes))
   shared = {k: v for k, v in lay.param_shapes.items() if k != "layers"}
   shared_specs = {k: v for k, v in lay.param_specs.items() if k != "layers"}
+  head = ()
+  if lay.loss.type == "full":   # the sampled head's rows come through the table exchange
+    data = ",".join(a for a in lay.table_axes if a in lay.data_axes)
+    items = ",".join(a for a in AXES if a in lay.table_axes)
+    head = analytic.rows_head_bytes(step, items, data)
   return analytic.analytic_bytes_by_axis(
       step, lay.grad_sync.analytic_bytes(), lay.sync_frequency,
-      analytic.shard_bytes(shared, shared_specs, lay.mesh), (table_exchange(lay),))
+      analytic.shard_bytes(shared, shared_specs, lay.mesh), (table_exchange(lay), *head))
 
 
 def table_exchange(lay: Layout) -> tuple[str, float, float]:
@@ -103,12 +110,23 @@ def analytic_memory(lay: Layout) -> float:
   microbatches in flight (under the remat policies) + the item head's working set."""
   c = lay.config
   local_params = analytic.shard_bytes(lay.param_shapes, lay.param_specs, lay.mesh) / analytic.FP32
+  # the hybrid's rows table (split over data) keeps no local-SGD copy of itself
+  table_params = (analytic.shard_bytes(lay.param_shapes["items"]["table"],
+                                       lay.param_specs["items"]["table"], lay.mesh)
+                  / analytic.FP32
+                  if lay.table_sharding == "rows" and c.dp.mode in ("local_sgd", "diloco")
+                  else 0.0)
   param_bytes = jnp.dtype(lay.model.param_dtype).itemsize
-  state = analytic.state_bytes(
-      local_params, param_bytes, jnp.dtype(c.train.opt_state_dtype).itemsize,
-      param_bytes < analytic.FP32 and c.train.master_weights,
-      analytic.extra_state_copies(
-          c.compression.method != "none" and c.compression.error_feedback, c.dp.mode))
+
+  def state_of(params: float, copies_saved: int) -> float:
+    return analytic.state_bytes(
+        params, param_bytes, jnp.dtype(c.train.opt_state_dtype).itemsize,
+        param_bytes < analytic.FP32 and c.train.master_weights,
+        analytic.extra_state_copies(
+            c.compression.method != "none" and c.compression.error_feedback,
+            c.dp.mode) - copies_saved)
+
+  state = state_of(local_params - table_params, 0) + state_of(table_params, 1)
   act_bytes = jnp.dtype(lay.model.compute_dtype).itemsize
   per_layer, transient = analytic.layer_activation_bytes_per_token(
       lay.model, lay.mesh.tensor, act_bytes, lay.model.remat)
