@@ -3,7 +3,7 @@
   python -m experiments.throughput --runs=amazon,amazon+packing,ml1m,ml1m+packing \
       --steps=10 --out=out/throughput
 
-For each run (a config file, `+packing` packs rows greedily) it builds the real
+For each run (a config file, unpacked; `+packing` packs rows greedily) it builds the real
 input pipeline and train step, then times --steps steps (after two warm-up steps):
 
   real tok/s   real (non-padding) targets per second
@@ -66,8 +66,8 @@ def measure(name: str, steps: int, hw):
   config = runtime.run_config(runtime.load_config(RUNS[base]))
   overrides = dict(o.split("=", 1) for o in _OVERRIDES.value)
   overrides = {k: parse_value(v) for k, v in overrides.items()}
-  if extra == "packing":
-    overrides["data.packing"] = "greedy"
+  # the run's name says the packing, whatever the config ships with
+  overrides["data.packing"] = "greedy" if extra == "packing" else "none"
   config = with_overrides(config, overrides)
   mesh, dataset, fns, program = build(config)
   stream = TrainStream(dataset.train, config.train.batch_size, config.data.shuffle_seed,

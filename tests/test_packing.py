@@ -51,8 +51,13 @@ def batches(ex):
   return packed, unpacked
 
 
-def test_a_packed_row_scores_each_token_as_its_sequence_alone():
-  config = tiny_config(**{"model.dropout": 0.0, "data.max_len": MAX_LEN})
+BLOCKS = {"sasrec": {}, "hstu": {"model.block": "hstu", "model.final_norm": False,
+                                  "model.time_bias": False}}
+
+
+@pytest.mark.parametrize("block", sorted(BLOCKS))
+def test_a_packed_row_scores_each_token_as_its_sequence_alone(block):
+  config = tiny_config(**{"model.dropout": 0.0, "data.max_len": MAX_LEN, **BLOCKS[block]})
   fns = tiny_fns(config)
   params = fns.init(jax.random.key(0))
   ex = examples()
@@ -75,8 +80,9 @@ def test_a_packed_row_scores_each_token_as_its_sequence_alone():
   assert len(got) == len(want) and max(np.abs(a - b).max() for a, b in zip(got, want)) < 1e-5
 
 
-def test_causality_holds_across_segment_boundaries():
-  config = tiny_config(**{"model.dropout": 0.0, "data.max_len": MAX_LEN})
+@pytest.mark.parametrize("block", sorted(BLOCKS))
+def test_causality_holds_across_segment_boundaries(block):
+  config = tiny_config(**{"model.dropout": 0.0, "data.max_len": MAX_LEN, **BLOCKS[block]})
   fns = tiny_fns(config)
   params = fns.init(jax.random.key(1))
   inputs = jnp.asarray([[5, 6, 7, 8, 9, 10, 0, 0]])

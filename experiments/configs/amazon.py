@@ -1,5 +1,12 @@
 """Amazon reviews in the SASRec text format (`user item` per line, chronological).
 
+Packed: most users have a handful of interactions (Amazon Video: median 6), so rows of
+50 positions hold several users each (`data.packing = "greedy"`, segment-causal
+attention). 32 packed rows carry about the real targets of 256 left-padded ones, so
+the optimizer sees the same targets per step as the unpacked recipe at 1/8 of the
+positions: on a 2-core CPU this reaches the unpacked run's validation NDCG@10 ~2.6x
+sooner (numbers in the issue note).
+
   python -m experiments.train --config=experiments/configs/amazon.py \
       --config.data.path=/path/to/Video.txt --workdir=runs/amazon-video
 """
@@ -19,7 +26,8 @@ def get_config():
   c.model.d_ff = 256
   c.model.dropout = 0.5
   c.train.steps = 3000
-  c.train.batch_size = 256
+  c.data.packing = "greedy"
+  c.train.batch_size = 32        # packed rows: ~256 users' targets per step
   c.train.lr = 1e-3
   c.train.warmup_steps = 100
   c.train.log_every = 100
