@@ -66,6 +66,11 @@ VARIANTS: dict[str, dict[str, object]] = {
     "rows/local_sgd4": {"embedding.sharding": "rows", "dp.mode": "local_sgd",
                         "dp.sync_every": 4},
     "rows/diloco16": {"embedding.sharding": "rows", "dp.mode": "diloco", "dp.sync_every": 16},
+    # is it H or DiLoCo's outer step? local SGD at H=16, and a gentler outer momentum
+    "rows/local_sgd16": {"embedding.sharding": "rows", "dp.mode": "local_sgd",
+                         "dp.sync_every": 16},
+    "rows/diloco16-m0.5": {"embedding.sharding": "rows", "dp.mode": "diloco",
+                           "dp.sync_every": 16, "dp.outer_momentum": 0.5},
     "rows-int8/diloco16-int8": {"embedding.sharding": "rows", "embedding.row_gradients": "int8",
                                 "dp.mode": "diloco", "dp.sync_every": 16,
                                 "compression.method": "int8"},
