@@ -270,7 +270,6 @@ class DataParallel:
                               nesterov=dp.outer_momentum > 0)
     self.data_size = mesh.data_size
     self.data_axes = sync.data_axes
-    self.opt_specs = opt_specs
     # Leaves split over the data axes have one owner, not a copy per replica.
     self.synced = synced_leaves(param_specs, self.data_axes)
     self.opt_synced = synced_leaves(opt_specs, self.data_axes)
