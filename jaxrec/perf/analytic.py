@@ -128,7 +128,7 @@ def rows_head_bytes(s: StepShape, item_key: str, data_key: str
   dg = s.table_data
   g = dg * s.mesh.tensor
   tokens = s.local_batch * s.seq_len * dg / s.mesh.pipe   # the head runs on one stage
-  gathered = tokens * (s.d_model * s.act_bytes + FP32)
+  gathered = tokens * (s.d_model * FP32 + FP32)   # the head gathers fp32 hidden states
   reduced = tokens * FP32
   data_share = (dg - 1) / dg
   stats = tokens * (3 + s.d_model) * FP32
