@@ -69,6 +69,29 @@ def test_no_table_sized_all_reduce_crosses_data_with_rows_sharding():
              and any(tuple(s) == (rows // 2, d) for s in c.shapes) for c in dense)
 
 
+def test_head_reduce_scatters_the_hidden_state_gradient_to_its_owners():
+  """Every rows shard scores every data replica's tokens; each device needs only its
+  own tokens' hidden-state gradient, so the shards' partial sums are reduce-scattered
+  over data (summed over tensor first), never all-reduced: half the wire bytes of
+  the head's biggest collective (the reference equivalence is the test above)."""
+  config = tiny_config(**ROWS)
+  prog = TrainProgram(config, RecommenderFns.from_config(config, 5000),
+                      make_mesh("data:4,tensor:2"))
+  compiled = prog.jitted_train_step().lower(prog.abstract_state(),
+                                           abstract_batch(prog)).compile()
+  colls = hlo.collectives(compiled.as_text(), prog.mesh, prog.branch_weights())
+  d = prog.fns.cfg.d_model
+  tokens = config.train.batch_size * config.data.max_len // 4   # per data replica
+  gathered = (4 * tokens, d)
+  assert not [c for c in colls if c.kind == "all-reduce" and "data" in c.axes
+              and gathered in map(tuple, c.shapes)]
+  assert any(c.kind == "all-reduce" and c.axes == ("tensor",)
+             and gathered in map(tuple, c.shapes) for c in colls)
+  scattered = [c for c in colls if c.kind == "reduce-scatter" and c.axes == ("data",)
+               and (tokens, d) in map(tuple, c.shapes)]
+  assert len(scattered) == 2, colls   # the lookup's rows and the head's gradient
+
+
 def numpy_lazy_adam(table, mu, nu, g, count, lr, b1=0.9, b2=0.98, eps=1e-8, wd=0.01):
   on = np.any(g != 0, axis=-1, keepdims=True)
   mu = np.where(on, b1 * mu + (1 - b1) * g, mu)

@@ -149,6 +149,15 @@ class FullSoftmax:
   axes: Any          # vocab-parallel mesh axes (None, a name or a tuple of names)
   tile: int
   chunk: int
+  # vocab-parallel axes the gradient w.r.t. h is left unsummed over: the tokens'
+  # owners reduce-scatter it (`gathered_full_softmax`), half an all-reduce's bytes
+  partial_over: tuple[str, ...] = ()
+
+  @property
+  def grad_axes(self) -> tuple[str, ...] | None:
+    axes = () if self.axes is None else (self.axes,) if isinstance(self.axes, str) \
+        else tuple(self.axes)
+    return tuple(a for a in axes if a not in self.partial_over) or None
 
 
 def _tiles(rows: int, tile: int) -> int:
@@ -202,7 +211,7 @@ def _chunk_stats(h, targets, table, spec: FullSoftmax):
   target_logit = (h.astype(jnp.float32) * w_t).sum(-1)
   total, t_logit = tensor.all_reduce(jnp.stack([s * f, target_logit]), spec.axes)
   lse = jnp.log(total) + big
-  d_h = tensor.all_reduce(a * (f / total)[:, None] - w_t, spec.axes)
+  d_h = tensor.all_reduce(a * (f / total)[:, None] - w_t, spec.grad_axes)
   real = targets > 0
   return jnp.where(real, lse - t_logit, 0.0), jnp.where(real[:, None], d_h, 0.0), lse
 
@@ -277,6 +286,53 @@ def _full_bwd(spec, res, g):
 
 
 full_softmax.defvjp(_full_fwd, _full_bwd)
+
+
+def gathered_full_softmax_forward(h: jax.Array, targets: jax.Array, table: jax.Array,
+                                  spec: FullSoftmax, token_axes: tuple[str, ...]):
+  """The full softmax of a table whose rows are split over data axes (`token_axes`):
+  every shard scores every data replica's tokens, so h [N, D] and targets [N] are
+  all-gathered there first. Returns (this device's per-token CE [N], the gathered
+  tokens' gradient w.r.t. h *partial over token_axes* [N x data, D], log-sum-exp,
+  gathered h, gathered targets). The partial gradient is reduce-scattered to the
+  tokens' owners, not all-reduced: each device needs only its own tokens'."""
+  spec = dataclasses.replace(spec, partial_over=tuple(token_axes))
+  h_all, t_all = (lax.all_gather(x, token_axes, tiled=True, to="invarying")
+                  for x in (h, targets))
+  loss, d_h, lse = full_softmax_forward(h_all, t_all, table, spec)
+  start = tensor.axis_index(token_axes) * h.shape[0]
+  return lax.dynamic_slice_in_dim(loss, start, h.shape[0], 0), d_h, lse, h_all, t_all
+
+
+def own_tokens_grad(d_h: jax.Array, token_axes: tuple[str, ...]) -> jax.Array:
+  """The gathered tokens' partial gradient [N x data, D] -> this device's tokens' [N, D]."""
+  return lax.psum_scatter(d_h, token_axes, scatter_dimension=0, tiled=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def gathered_full_softmax(h: jax.Array, targets: jax.Array, table: jax.Array,
+                          spec: FullSoftmax, token_axes: tuple[str, ...]) -> jax.Array:
+  """Per-token CE [N] of this device's tokens against a table split over data axes
+  (and tensor), differentiable w.r.t. h and the table."""
+  return gathered_full_softmax_forward(h, targets, table, spec, token_axes)[0]
+
+
+def _gathered_fwd(h, targets, table, spec, token_axes):
+  loss, d_h, lse, h_all, t_all = gathered_full_softmax_forward(h, targets, table, spec,
+                                                               token_axes)
+  return loss, (h, table, d_h, lse, h_all, t_all)
+
+
+def _gathered_bwd(spec, token_axes, res, g):
+  h, table, d_h, lse, h_all, t_all = res
+  g_all = lax.all_gather(g.astype(jnp.float32), token_axes, tiled=True, to="invarying")
+  d_table = full_softmax_table_grad(h_all, t_all, lse, g_all, table, spec)
+  d_own = own_tokens_grad(g_all[:, None] * d_h, token_axes)
+  return (make_varying(d_own.astype(h.dtype), varying_axes(h)), None,
+          make_varying(d_table.astype(table.dtype), varying_axes(table)))
+
+
+gathered_full_softmax.defvjp(_gathered_fwd, _gathered_bwd)
 
 
 # ---------------------------------------------------------------------------

@@ -19,13 +19,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
-from jax import lax
 
 from jaxrec.models import losses
-from jaxrec.models.embedding import ItemEmbedding, padded_table_rows, per_device
+from jaxrec.models.embedding import ItemEmbedding, padded_table_rows
 from jaxrec.models.hstu import HSTUBlock
 from jaxrec.models.layers import ATTENTION_OUT, Block, Context, Norm, dropout
-from jaxrec.parallel import tensor
 from jaxrec.parallel.vma import make_varying, tree_varying_axes, varying_axes
 from jaxrec.partitioning import logical_axes_of
 
@@ -306,7 +304,9 @@ class RecommenderFns:
     if self.loss_cfg.type == "full":
       table = params["items"]["table"]
       spec = self.full_softmax_spec(table, ctx)
-      return per_device(lambda h, t: losses.full_softmax(h, t, table, spec), ctx, h, targets)
+      if ctx.token_axes:   # rows sharding: every shard scores every data replica's tokens
+        return losses.gathered_full_softmax(h, targets, table, spec, ctx.token_axes)
+      return losses.full_softmax(h, targets, table, spec)
     tokens = as_tokens(tokens)
     if order is None:
       order = jnp.arange(targets.shape[0])
@@ -338,16 +338,14 @@ class RecommenderFns:
     if self.loss_cfg.type == "full":
       table = params["items"]["table"]
       spec = self.full_softmax_spec(table, ctx)
-      h_all, t_all = hc, tc
       if ctx.token_axes:   # rows sharding: every shard scores every data replica's tokens
-        h_all, t_all = (lax.all_gather(x, ctx.token_axes, tiled=True, to="invarying")
-                        for x in (hc, tc))
-      per_token, d_hc, lse = losses.full_softmax_forward(h_all, t_all, table, spec)
+        per_token, d_part, lse, h_all, t_all = losses.gathered_full_softmax_forward(
+            hc, tc, table, spec, ctx.token_axes)
+        d_hc = losses.own_tokens_grad(d_part, ctx.token_axes)
+      else:
+        per_token, d_hc, lse = losses.full_softmax_forward(hc, tc, table, spec)
+        h_all, t_all = hc, tc
       saved = {"h": h_all, "targets": t_all, "lse": lse}
-      if ctx.token_axes:   # keep this device's tokens
-        start = tensor.axis_index(ctx.token_axes) * hc.shape[0]
-        per_token, d_hc = (lax.dynamic_slice_in_dim(x, start, hc.shape[0], 0)
-                           for x in (per_token, d_hc))
     else:
       tokens = as_tokens(tokens)
       width = targets.shape[1]

@@ -119,21 +119,25 @@ def rows_head_bytes(s: StepShape, item_key: str, data_key: str
                     ) -> tuple[tuple[str, float, float], ...]:
   """The full-softmax head over a rows-sharded table: every device scores the whole
   data group's tokens against its rows, so the tokens' hidden states and targets are
-  all-gathered over data (plus one per-token all-reduce there), and the per-token
-  statistics (max, sum of exponentials, target logit) and the softmax-weighted sum of
-  item rows [tokens, D] are all-reduced over the table's axes (data x tensor) — the
-  last one also carries the hidden-state gradient, so nothing is reduce-scattered."""
+  all-gathered over data (and the loss's per-token cotangent with them), the per-token
+  statistics (max, sum of exponentials, target logit) are all-reduced over the
+  table's axes (data x tensor), and the hidden-state gradient [tokens, D] (the
+  softmax-weighted sum of item rows) is summed over tensor and reduce-scattered over
+  data to the tokens' owners."""
   if s.table_data <= 1:
     return ()
-  dg = s.table_data
-  g = dg * s.mesh.tensor
+  dg, t = s.table_data, s.mesh.tensor
+  g = dg * t
   tokens = s.local_batch * s.seq_len * dg / s.mesh.pipe   # the head runs on one stage
-  gathered = tokens * (s.d_model * FP32 + FP32)   # the head gathers fp32 hidden states
-  reduced = tokens * FP32
+  rows = tokens * s.d_model * FP32   # fp32 hidden states and their gradient
+  gathered = rows + 2 * tokens * FP32   # h, targets and the cotangent
   data_share = (dg - 1) / dg
-  stats = tokens * (3 + s.d_model) * FP32
-  return ((data_key, gathered + reduced, data_share * (gathered + 2 * reduced)),
-          (item_key, stats, 2 * (g - 1) / g * stats))
+  stats = tokens * 3 * FP32
+  out = [(data_key, gathered + rows, data_share * (gathered + rows)),
+         (item_key, stats, 2 * (g - 1) / g * stats)]
+  if t > 1:
+    out.append(("tensor", rows, 2 * (t - 1) / t * rows))
+  return tuple(out)
 
 
 def table_exchange_bytes(mesh: MeshShape, ids_per_step: float, d_model: int,
