@@ -19,6 +19,7 @@ NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 DP_MODES = ("sync", "delayed", "local_sgd", "diloco")
+LOCAL_MODES = ("local_sgd", "diloco")   # replicas take local steps between averages
 COMPRESSORS = ("none", "bf16", "int8", "topk", "powersgd", "sign")
 OPTIMIZERS = ("adamw", "sgd")
 HEADS = ("last", "spread", "auto")
@@ -235,7 +236,7 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
   _choice(c, "embedding.sharding", TABLE_SHARDINGS)
   _choice(c, "embedding.optimizer", TABLE_OPTIMIZERS)
   if c.embedding.sharding == "rows":
-    if (c.dp.mode in ("local_sgd", "diloco") and mesh.replica > 1 and
+    if (c.dp.mode in LOCAL_MODES and mesh.replica > 1 and
         not c.embedding.shard_replica):
       # The hybrid keeps the rows table synchronous (one owner per row); copies over
       # replica would need their own all-reduce every step, which the local modes

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from jaxrec.config import LOCAL_MODES
 from jaxrec.mesh import DATA_AXES, MeshShape, active_axes
 from jaxrec.models import flops, losses
 from jaxrec.models.recommender import LAYER_SLOT_SCOPE, ModelConfig, RecommenderFns
@@ -24,7 +25,6 @@ from jaxrec.parallel.data_parallel import GradientSync
 from jaxrec.parallel.pipeline import Schedule, StageLayout, parse_layers_per_stage
 from jaxrec.partitioning import check_divisible, rules_for, tree_specs
 
-LOCAL_MODES = ("local_sgd", "diloco")
 # Name scope of the pipeline's post-loop conditional that forms the item table's
 # gradient from the head's saved values on the last stage only.
 HEAD_TABLE_GRAD_SCOPE = "pipeline_head_table_grad"
@@ -78,6 +78,11 @@ class Layout:
     spec = self.param_specs["items"]["table"][0]
     axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
     return axes
+
+  @property
+  def table_data_axes(self) -> tuple[str, ...]:
+    """The data axes among the table's (rows sharding): its lookups and head cross them."""
+    return tuple(a for a in self.table_axes if a in self.data_axes)
 
   @property
   def head_axes(self) -> tuple[str, ...]:

@@ -35,6 +35,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from jaxrec.config import LOCAL_MODES
 from jaxrec.mesh import DATA_AXES, MeshShape
 from jaxrec.parallel import collectives, device_local
 from jaxrec.parallel.compression import FINAL_PHASE, Compressor, NoCompression, ReduceArgs
@@ -276,7 +277,7 @@ class DataParallel:
 
   @property
   def local(self) -> bool:
-    return self.mode in ("local_sgd", "diloco")
+    return self.mode in LOCAL_MODES
 
   def branch_weights(self) -> dict[str, list[float]]:
     """How often each branch of this mode's conditionals runs per step (steady state)."""

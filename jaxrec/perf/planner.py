@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import ml_collections
 
-from jaxrec.config import with_overrides
+from jaxrec.config import LOCAL_MODES, with_overrides
 from jaxrec.hardware import Hardware
 from jaxrec.layout import Layout
 from jaxrec.mesh import AXES, MeshShape
@@ -113,7 +113,7 @@ def variants(config: ml_collections.ConfigDict, shape: MeshShape,
   if shape.data_size > 1:
     # the local modes keep a rows table synchronous (the hybrid): it must then be
     # split over replica too, or its copies there would need a sync of their own
-    over_replica = config.dp.mode in ("local_sgd", "diloco") and shape.replica > 1
+    over_replica = config.dp.mode in LOCAL_MODES and shape.replica > 1
     group = shape.data * shape.tensor * (shape.replica if over_replica else 1)
     rows = {"embedding.sharding": "rows",
             "model.item_table_multiple": math.lcm(config.model.item_table_multiple, group)}

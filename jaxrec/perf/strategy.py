@@ -16,6 +16,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxrec.config import LOCAL_MODES
 from jaxrec.layout import Layout, analytic_piece_costs
 from jaxrec.mesh import AXES
 from jaxrec.models import flops
@@ -33,12 +34,12 @@ def analytic_volumes(lay: Layout) -> tuple[dict[str, float], dict[str, float]]:
       act_bytes=jnp.dtype(lay.model.compute_dtype).itemsize,
       virtual_stages=lay.stages.virtual, head_spread=lay.head_spread,
       block=lay.model.block, table_data=math.prod(
-          getattr(lay.mesh, a) for a in lay.table_axes if a in lay.data_axes))
+          getattr(lay.mesh, a) for a in lay.table_data_axes))
   shared = {k: v for k, v in lay.param_shapes.items() if k != "layers"}
   shared_specs = {k: v for k, v in lay.param_specs.items() if k != "layers"}
   head = ()
   if lay.loss.type == "full":   # the sampled head's rows come through the table exchange
-    data = ",".join(a for a in lay.table_axes if a in lay.data_axes)
+    data = ",".join(lay.table_data_axes)
     items = ",".join(a for a in AXES if a in lay.table_axes)
     head = analytic.rows_head_bytes(step, items, data)
   return analytic.analytic_bytes_by_axis(
@@ -49,7 +50,7 @@ def analytic_volumes(lay: Layout) -> tuple[dict[str, float], dict[str, float]]:
 def table_exchange(lay: Layout) -> tuple[str, float, float]:
   """(axis key, payload, wire) of the rows-sharded table's lookup exchange per step
   (the embedding lookup of every input position; all zero for tensor sharding)."""
-  data = tuple(a for a in lay.table_axes if a in lay.data_axes)
+  data = lay.table_data_axes
   ids = lay.local_batch * lay.config.data.max_len / (lay.mesh.pipe if lay.pipe_axis else 1)
   # the step differentiates fp32 copies of the params: the table's rows and their
   # gradients cross the wire in fp32 whatever the compute dtype (64-device compile:
@@ -117,7 +118,7 @@ def analytic_memory(lay: Layout) -> float:
   table_params = (analytic.shard_bytes(lay.param_shapes["items"]["table"],
                                        lay.param_specs["items"]["table"], lay.mesh)
                   / analytic.FP32
-                  if lay.table_sharding == "rows" and c.dp.mode in ("local_sgd", "diloco")
+                  if lay.table_sharding == "rows" and c.dp.mode in LOCAL_MODES
                   else 0.0)
   param_bytes = jnp.dtype(lay.model.param_dtype).itemsize
 
