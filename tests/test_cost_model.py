@@ -11,8 +11,8 @@ from jaxrec.config import with_overrides
 from jaxrec.hardware import H100, TPU_V5P, Hardware
 from jaxrec.layout import Layout
 from jaxrec.mesh import MeshShape
-from jaxrec.perf import cost_model, planner, strategy
-from jaxrec.perf.comm import comm_report
+from jaxrec.perf import cost_model, hlo, planner, strategy
+from jaxrec.perf.comm import abstract_batch, comm_report
 from jaxrec.perf.cost_model import Assumptions, CommOp, StepProfile
 from tests.helpers import NUM_ITEMS, program, tiny_config
 
@@ -100,6 +100,9 @@ CASES = [
     # the hybrid: rows table exchanged every step, dense layers averaged every 4
     ("data:4,tensor:2", {"embedding.sharding": "rows", "dp.mode": "local_sgd",
                          "dp.sync_every": 4}),
+    # bf16 compute: bytes at the program's dtypes (a CPU compile upcasts them to f32)
+    ("data:4,tensor:2", {"model.dtype": "bfloat16"}),
+    ("data:4,tensor:2", {"model.dtype": "bfloat16", "embedding.sharding": "rows"}),
     ("data:8", {"compression.method": "int8"}),
     ("replica:2,data:4", {"compression.method": "int8", "compression.hierarchical": True}),
     ("data:2,pipe:2,tensor:2", {"pipeline.schedule": "1f1b", "pipeline.microbatches": 4}),
@@ -126,6 +129,28 @@ def test_analytic_profile_agrees_with_the_compiled_step(spec, overrides):
     if value > 0.01 * sum(expected.values()):
       assert measured.get(key, 0.0) == pytest.approx(value, rel=0.05), key
   assert sum(measured.values()) == pytest.approx(sum(expected.values()), rel=0.05)
+
+
+def test_cpu_upcast_bf16_collectives_count_at_the_program_dtype():
+  """XLA's CPU backend computes bf16 collectives in f32; the accounting reads the
+  program's dtype from the pre-optimization module, so the rows table's exchange of
+  a bf16 model counts 2 bytes per element (what a GPU or TPU sends), and the f32
+  head statistics stay 4."""
+  config = tiny_config(mesh="data:4,tensor:2",
+                       **{"model.dtype": "bfloat16", "embedding.sharding": "rows"})
+  prog = program(config, "data:4,tensor:2")
+  lowered = prog.jitted_train_step().lower(prog.abstract_state(), abstract_batch(prog))
+  text = lowered.compile().as_text()
+  assert "_promoted" in text   # the upcast this corrects is there
+  compiled = hlo.collectives(text, prog.mesh, prog.branch_weights())
+  program_text = lowered.as_text(dialect="hlo", debug_info=True)
+  counted = hlo.collectives(text, prog.mesh, prog.branch_weights(), program_text)
+  exchange = [(a, b) for a, b in zip(compiled, counted) if "table_rows_exchange" in a.op_name
+              and a.kind in ("reduce-scatter", "all-gather") and a.dtypes == ("f32",)]
+  assert len(exchange) == 2   # the rows, and their gradients
+  assert all(b.bytes * 2 == a.bytes and b.dtypes == ("bf16",) for a, b in exchange)
+  stats = [b for b in counted if "item_loss_chunk" in b.op_name]
+  assert stats and all(b.dtypes == ("f32",) for b in stats)
 
 
 def _by_axis(ops):

@@ -88,7 +88,8 @@ def tensor_bytes(s: StepShape) -> float:
   if s.table_data > 1:   # rows table: only the lookup's rows are summed over tensor here;
     return layers + act / p   # the head's statistics go over data x tensor (rows_head_bytes)
   stats = 3 * tokens * FP32
-  return layers + (2 * act + stats) / p
+  grad = tokens * s.d_model * FP32   # the head's hidden-state gradient is fp32
+  return layers + (act + grad + stats) / p
 
 
 def pipe_bytes(s: StepShape, shared_grad_bytes: float) -> tuple[float, float]:
@@ -129,8 +130,8 @@ def rows_head_bytes(s: StepShape, item_key: str, data_key: str
   dg, t = s.table_data, s.mesh.tensor
   g = dg * t
   tokens = s.local_batch * s.seq_len * dg / s.mesh.pipe   # the head runs on one stage
-  rows = tokens * s.d_model * FP32   # fp32 hidden states and their gradient
-  gathered = rows + 2 * tokens * FP32   # h, targets and the cotangent
+  rows = tokens * s.d_model * FP32   # the hidden states' gradient is fp32
+  gathered = tokens * (s.d_model * s.act_bytes + 2 * FP32)   # h, targets, cotangent
   data_share = (dg - 1) / dg
   stats = tokens * 3 * FP32
   out = [(data_key, gathered + rows, data_share * (gathered + rows)),

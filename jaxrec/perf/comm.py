@@ -44,9 +44,13 @@ def compile_step(program: TrainProgram):
 
 def comm_report(program: TrainProgram) -> dict[str, Any]:
   """Measured collectives (from the compiled HLO) next to the analytic volumes."""
-  compiled = compile_step(program)
+  lowered = program.jitted_train_step().lower(program.abstract_state(),
+                                              abstract_batch(program))
+  compiled = lowered.compile()
+  # bytes at the program's dtypes: a CPU compile computes bf16 collectives in f32
   report = hlo.analyze(compiled, program.mesh, program.branch_weights(),
-                       scopes=(TABLE_EXCHANGE_SCOPE,))
+                       scopes=(TABLE_EXCHANGE_SCOPE,),
+                       program_text=lowered.as_text(dialect="hlo", debug_info=True))
   c = program.config
   shape = mesh_shape(program.mesh)
   lay = program.layout

@@ -192,8 +192,59 @@ def _weights_for(rest: str, branch_weights, n: int) -> list[float] | None:
   return list(weights) if len(weights) == n else None
 
 
-def collectives(text: str, mesh: Mesh,
-                branch_weights: dict[str, list[float]] | None = None) -> list[Collective]:
+NARROW = ("bf16", "f16")
+
+
+_PRE_COLLECTIVE = re.compile(
+    r"=\s*(.*?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+    r"(?:-start)?\(")
+
+ProgramCollective = tuple[str, tuple[int, ...], str]   # (op_name, shape, dtype)
+
+
+def program_collectives(text: str) -> list[ProgramCollective]:
+  """The collectives of a pre-optimization HLO module
+  (`lowered.as_text(dialect="hlo", debug_info=True)`) with the dtypes the program
+  asked for. Their op_names are relative to the enclosing computation."""
+  out = []
+  for line in text.splitlines():
+    m = _PRE_COLLECTIVE.search(line)
+    op_name = _OP_NAME.search(line)
+    if m and op_name:
+      out += [(op_name.group(1), shape, dt) for dt, shape in _arrays(m.group(1))]
+  return out
+
+
+def _narrowed(arrays: list[tuple[str, tuple[int, ...]]], op_name: str,
+              program: list[ProgramCollective]) -> list[tuple[str, tuple[int, ...]]]:
+  """The compiled collective's arrays at the program's dtypes. XLA's CPU backend
+  computes bf16 collectives in f32 (it renames their reductions `*_promoted` and
+  converts around them), so a CPU-compiled module shows twice the bytes a GPU or
+  TPU moves for them. An f32 array is counted narrow when the program's collectives
+  of that shape whose op_name ends like this one (same primitive; the longest
+  matching name wins) are all narrow."""
+  if not program or any(dt != "f32" for dt, _ in arrays):
+    return arrays
+  last = op_name.rsplit("/", 1)[-1]
+  out = []
+  for dt, shape in arrays:
+    same = [(name, d) for name, s, d in program
+            if s == shape and name.rsplit("/", 1)[-1] == last]
+    suffixes = [(name, d) for name, d in same if op_name.endswith(name)]
+    if suffixes:
+      longest = max(len(name) for name, _ in suffixes)
+      same = [(name, d) for name, d in suffixes if len(name) == longest]
+    asked = {d for _, d in same}
+    out.append((asked.pop() if len(asked) == 1 and asked <= set(NARROW) else dt, shape))
+  return out
+
+
+def collectives(text: str, mesh: Mesh, branch_weights: dict[str, list[float]] | None = None,
+                program_text: str | None = None) -> list[Collective]:
+  """Every collective of a compiled module, per device and step. `program_text`: the
+  pre-optimization module, to count collectives at the program's dtypes (see
+  `_narrowed`); without it, at the compiled ones."""
+  program = program_collectives(program_text) if program_text else []
   comps = parse_module(text)
   mult = multipliers(comps, branch_weights)
   coords = _device_coords(mesh)
@@ -206,10 +257,10 @@ def collectives(text: str, mesh: Mesh,
       kind = ins.op[:-6] if ins.op.endswith("-start") else ins.op
       if kind not in KINDS:
         continue
-      arrays = _arrays(ins.shape)
+      op_name = _OP_NAME.search(ins.rest)
+      arrays = _narrowed(_arrays(ins.shape), op_name.group(1) if op_name else "", program)
       payload = payload_bytes(kind, ins.op.endswith("-start"), arrays, ins.rest)
       axes, size = _axes_of(ins.rest, kind, coords, mesh)
-      op_name = _OP_NAME.search(ins.rest)
       share = 1.0
       if kind == "collective-permute":
         pairs = _PAIRS.search(ins.rest)
@@ -378,11 +429,12 @@ def memory_stats(compiled) -> dict[str, int]:
 
 
 def analyze(compiled, mesh: Mesh, branch_weights: dict[str, list[float]] | None = None,
-            scopes: Iterable[str] = ()) -> dict[str, Any]:
+            scopes: Iterable[str] = (), program_text: str | None = None) -> dict[str, Any]:
   """Per-(average-)device accounting of one compiled step; `scopes`: name scopes whose
-  collectives' wire bytes are also reported on their own (forward and transposed)."""
+  collectives' wire bytes are also reported on their own (forward and transposed);
+  `program_text`: the pre-optimization module (collectives at the program's dtypes)."""
   text = compiled.as_text()
-  colls = collectives(text, mesh, branch_weights)
+  colls = collectives(text, mesh, branch_weights, program_text)
   cost = compiled.cost_analysis() or {}
   if isinstance(cost, list):
     cost = cost[0] if cost else {}

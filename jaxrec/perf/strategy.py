@@ -52,10 +52,9 @@ def table_exchange(lay: Layout) -> tuple[str, float, float]:
   (the embedding lookup of every input position; all zero for tensor sharding)."""
   data = lay.table_data_axes
   ids = lay.local_batch * lay.config.data.max_len / (lay.mesh.pipe if lay.pipe_axis else 1)
-  # the step differentiates fp32 copies of the params: the table's rows and their
-  # gradients cross the wire in fp32 whatever the compute dtype (64-device compile:
-  # measured 206.8 MB vs 103.6 MB when this assumed bf16)
-  row_bytes = analytic.FP32
+  # rows and their gradients travel in the compute dtype (the program's collectives;
+  # a CPU compile shows them in f32, see hlo._narrowed)
+  row_bytes = jnp.dtype(lay.model.compute_dtype).itemsize
   return analytic.table_exchange_bytes(
       lay.mesh, ids if data else 0.0, lay.model.d_model, row_bytes, data,
       row_gradient_bytes(lay.config.embedding.row_gradients, lay.model.d_model, row_bytes))
