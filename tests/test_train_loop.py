@@ -61,6 +61,11 @@ def test_quickstart_end_to_end_writes_metrics_and_summary(tmp_path):
                  marks=pytest.mark.slow),
     # packed rows: the grain iterator's state (epoch start) comes back from the checkpoint
     pytest.param({"data.packing": "greedy", "data.window_stride": 0}, marks=pytest.mark.slow),
+    # the rows-sharded table's sparse optimizers: their row state comes back exactly
+    pytest.param({"embedding.sharding": "rows", "embedding.optimizer": "lazy_adam"},
+                 marks=pytest.mark.slow),
+    pytest.param({"embedding.sharding": "rows", "embedding.optimizer": "rowwise_adagrad"},
+                 marks=pytest.mark.slow),
 ])
 def test_resume_continues_with_exactly_the_uninterrupted_losses(tmp_path, strategy):
   def config():
