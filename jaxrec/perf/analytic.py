@@ -83,8 +83,8 @@ def tensor_bytes(s: StepShape) -> float:
     layers = s.n_layers / p * (2 * act + 2 * tokens * FP32)
   else:                   # Megatron: attention and MLP, forward and backward
     layers = 4 * s.n_layers / p * act
-  if s.head_spread and p > 1:   # the head's hidden-state gradient: one all-reduce here
-    return layers + act / p + act
+  if s.head_spread and p > 1:   # the head reduces over pipe x tensor (spread_head_bytes)
+    return layers + act / p
   if s.table_data > 1:   # rows table: only the lookup's rows are summed over tensor here;
     return layers + act / p   # the head's statistics go over data x tensor (rows_head_bytes)
   stats = 3 * tokens * FP32
@@ -94,24 +94,25 @@ def tensor_bytes(s: StepShape) -> float:
 
 def pipe_bytes(s: StepShape, shared_grad_bytes: float) -> tuple[float, float]:
   """(buffer, wire) bytes over `pipe`: activation/cotangent sends + shared grads, and
-  for the spread head the broadcast of each finished microbatch and the all-reduce
-  of its hidden-state gradient (XLA reduces that over tensor and pipe in turn)."""
+  for the spread head the broadcast of each finished microbatch (its statistics and
+  hidden-state gradient are reduced over pipe x tensor: spread_head_bytes)."""
   p = s.mesh.pipe
   if p <= 1:
     return 0.0, 0.0
   boundaries = p * s.virtual_stages - 1
   sends = 2 * boundaries / p * s.activation_bytes
-  reduce = shared_grad_bytes + (2 * s.activation_bytes if s.head_spread else 0.0)
+  reduce = shared_grad_bytes + (s.activation_bytes if s.head_spread else 0.0)
   return sends + reduce, sends + 2 * (p - 1) / p * reduce
 
 
 def spread_head_bytes(s: StepShape) -> tuple[str, float, float] | None:
   """The spread head's softmax statistics (max, sum of exponentials, target logit per
-  token), reduced over tensor x pipe together."""
+  token) and its fp32 hidden-state gradient [tokens, D], each all-reduced over
+  tensor x pipe together (one collective, measured)."""
   if not (s.head_spread and s.mesh.pipe > 1):
     return None
   n = s.mesh.tensor * s.mesh.pipe
-  payload = 3 * s.local_batch * s.seq_len * FP32
+  payload = (3 + s.d_model) * s.local_batch * s.seq_len * FP32
   key = "pipe,tensor" if s.mesh.tensor > 1 else "pipe"
   return key, payload, 2 * (n - 1) / n * payload
 
