@@ -109,6 +109,9 @@ CASES = [
     ("pipe:2,data:4", {"model.n_layers": 4, "pipeline.schedule": "interleaved",
                        "pipeline.virtual_stages": 2, "pipeline.microbatches": 2,
                        "pipeline.head": "spread"}),
+    # HSTU (time bias on: the batch has timestamps): its relative bias's gradient is
+    # reduced over tensor too
+    ("data:4,tensor:2", {"model.block": "hstu"}),
     # the spread head with tensor: its statistics and gradient reduce over pipe x tensor
     ("data:2,pipe:2,tensor:2", {"pipeline.head": "spread", "pipeline.microbatches": 2}),
 ]

@@ -79,8 +79,11 @@ def tensor_bytes(s: StepShape) -> float:
   p = s.mesh.pipe
   act = s.activation_bytes
   tokens = s.local_batch * s.seq_len
-  if s.block == "hstu":   # output projection + input-gradient; LayerNorm mean and variance
-    layers = s.n_layers / p * (2 * act + 2 * tokens * FP32)
+  if s.block == "hstu":   # output projection, input gradient, the norm's mean and variance
+    # forward and backward, and the gradient of the relative bias [B, T, T] (fp32,
+    # replicated over the head shards): measured per layer on the tiny model
+    bias = s.local_batch * s.seq_len ** 2 * FP32
+    layers = s.n_layers / p * (2 * act + 4 * tokens * FP32 + bias)
   else:                   # Megatron: attention and MLP, forward and backward
     layers = 4 * s.n_layers / p * act
   if s.head_spread and p > 1:   # the head reduces over pipe x tensor (spread_head_bytes)

@@ -21,11 +21,17 @@ from jaxrec.train.step import TrainProgram
 
 
 def abstract_batch(program: TrainProgram) -> dict[str, jax.ShapeDtypeStruct]:
+  """The train step's batch as the input pipeline makes it for this config: segment
+  ids when rows are packed, timestamps when the model reads them (HSTU's time bias)."""
   c = program.config
   shape = (c.train.batch_size, c.data.max_len)
   sharding = program.batch_sharding(2)
-  return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
-          for k in ("inputs", "targets")}
+  keys = ["inputs", "targets"]
+  if c.data.packing == "greedy":
+    keys.append("segments")
+  if program.fns.uses_time:
+    keys += ["timestamps", "target_times"]
+  return {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding) for k in keys}
 
 
 def build_program(config: ml_collections.ConfigDict, num_items: int,
