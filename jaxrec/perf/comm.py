@@ -96,16 +96,16 @@ def format_report(report: dict[str, Any]) -> str:
   lines = [f"mesh {report['mesh']}  params {report['num_params'] / 1e6:.2f}M  "
            f"per-device FLOPs/step {report['flops']:.3e}  peak memory "
            f"{report['peak_memory_bytes'] / 2**20:.1f} MiB",
-           "", f"{'kind':<20}{'axes':<16}{'count':>7}{'bytes each':>14}{'bytes/step':>14}"]
+           "", f"{'kind':<20}{'axes':<16}{'count':>7}{'bytes each':>16}{'bytes/step':>16}"]
   for c in report["collectives"]:
     if not c["axes"]:
       continue
     cond = " (unweighted branch)" if c["in_conditional"] else ""
     lines.append(f"{c['kind']:<20}{','.join(c['axes']):<16}{c['count']:>7.2f}"
-                 f"{c['bytes']:>14,}{c['total_bytes']:>14,.0f}{cond}")
+                 f"{c['bytes']:>16,}{c['total_bytes']:>16,.0f}{cond}")
   lines += ["", "bytes per step by axis (buffers as counted in HLO; wire = ring model)",
-            f"{'axis':<16}{'measured':>14}{'analytic':>14}{'ratio':>7}"
-            f"{'wire meas.':>14}{'wire anal.':>14}{'ratio':>7}"]
+            f"{'axis':<16}{'measured':>16}{'analytic':>16}{'ratio':>7}"
+            f"{'wire meas.':>16}{'wire anal.':>16}{'ratio':>7}"]
   axes = sorted(set(report["bytes_by_axis"]) | set(report["analytic_bytes_by_axis"]))
   for axis in axes:
     cells = []
@@ -114,7 +114,7 @@ def format_report(report: dict[str, Any]) -> str:
       m = report[measured].get(axis, 0.0)
       a = report[expected].get(axis)
       ratio = f"{m / a:7.3f}" if a else "      -"
-      cells.append(f"{m:>14,.0f}{(a or 0):>14,.0f}{ratio}")
+      cells.append(f"{m:>16,.0f}{(a or 0):>16,.0f}{ratio}")
     lines.append(f"{axis:<16}{''.join(cells)}")
   table = report.get("table_exchange")
   if table:
