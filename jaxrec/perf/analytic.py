@@ -86,10 +86,11 @@ def tensor_bytes(s: StepShape) -> float:
     layers = s.n_layers / p * (2 * act + 4 * tokens * FP32 + bias)
   else:                   # Megatron: attention and MLP, forward and backward
     layers = 4 * s.n_layers / p * act
-  if s.head_spread and p > 1:   # the head reduces over pipe x tensor (spread_head_bytes)
+  if (s.head_spread and p > 1) or s.table_data > 1:
+    # only the lookup's rows are summed over tensor here: the spread head reduces over
+    # pipe x tensor (spread_head_bytes), the rows table's head over data x tensor
+    # (rows_head_bytes)
     return layers + act / p
-  if s.table_data > 1:   # rows table: only the lookup's rows are summed over tensor here;
-    return layers + act / p   # the head's statistics go over data x tensor (rows_head_bytes)
   stats = 3 * tokens * FP32
   grad = tokens * s.d_model * FP32   # the head's hidden-state gradient is fp32
   return layers + (act + grad + stats) / p

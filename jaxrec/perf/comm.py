@@ -43,15 +43,17 @@ def build_program(config: ml_collections.ConfigDict, num_items: int,
   return TrainProgram(config, fns, mesh)
 
 
+def lower_step(program: TrainProgram):
+  return program.jitted_train_step().lower(program.abstract_state(), abstract_batch(program))
+
+
 def compile_step(program: TrainProgram):
-  return program.jitted_train_step().lower(program.abstract_state(),
-                                            abstract_batch(program)).compile()
+  return lower_step(program).compile()
 
 
 def comm_report(program: TrainProgram) -> dict[str, Any]:
   """Measured collectives (from the compiled HLO) next to the analytic volumes."""
-  lowered = program.jitted_train_step().lower(program.abstract_state(),
-                                              abstract_batch(program))
+  lowered = lower_step(program)
   compiled = lowered.compile()
   # bytes at the program's dtypes: a CPU compile computes bf16 collectives in f32
   report = hlo.analyze(compiled, program.mesh, program.branch_weights(),

@@ -195,9 +195,7 @@ def _weights_for(rest: str, branch_weights, n: int) -> list[float] | None:
 NARROW = ("bf16", "f16")
 
 
-_PRE_COLLECTIVE = re.compile(
-    r"=\s*(.*?)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
-    r"(?:-start)?\(")
+_PRE_COLLECTIVE = re.compile(rf"=\s*(.*?)\s+({'|'.join(KINDS)})(?:-start)?\(")
 
 ProgramCollective = tuple[str, tuple[int, ...], str]   # (op_name, shape, dtype)
 
