@@ -13,6 +13,13 @@ from jaxrec.mesh import MeshShape
 
 DATA_FORMATS = ("auto", "movielens_csv", "movielens_dat", "sasrec")
 PACKINGS = ("none", "greedy")
+# What each user's sequence holds out of training (`data.holdout`) -> how many items:
+#   valid_test  the last two: the second-to-last is the validation target, the last the
+#               test target (the SASRec/BERT4Rec leave-one-out protocol).
+#   test        the last only, the test target; no validation split. Training runs
+#               through the item before it, as generative-recommenders' published
+#               MovieLens and Amazon runs do (DatasetV2 with ignore_last_n=1).
+HOLDOUTS = {"valid_test": 2, "test": 1}
 POSITIONS = ("learned", "rope", "none")
 MLPS = ("gelu", "relu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
@@ -88,6 +95,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.window_stride = 0    # >0: extra training windows every `stride` items back
   c.data.shuffle_seed = 0
   c.data.packing = "none"     # "greedy": several users' sequences per row (segment ids)
+  c.data.holdout = "valid_test"  # HOLDOUTS: "test" trains through the validation item
   c.data.prefetch = 2         # host batches prepared ahead on a background thread
 
   c.model = ml_collections.ConfigDict()
@@ -214,6 +222,7 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
   """Raises ConfigError naming the field, its value and what would be valid."""
   _choice(c, "data.format", DATA_FORMATS)
   _choice(c, "data.packing", PACKINGS)
+  _choice(c, "data.holdout", tuple(HOLDOUTS))
   _choice(c, "model.positions", POSITIONS)
   _choice(c, "model.mlp", MLPS)
   _choice(c, "model.norm", NORMS)
@@ -350,6 +359,11 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
     if not c.train.eval_every:
       raise ConfigError("config.train.select_on needs config.train.eval_every > 0 (the "
                         "validation evaluations it selects from)")
+    if c.data.holdout == "test":
+      raise ConfigError(f"config.train.select_on = {c.train.select_on!r} selects on the "
+                        "validation split, which config.data.holdout = 'test' trains on; "
+                        "set train.select_on='' (the last step is reported) or "
+                        "data.holdout='valid_test'")
   for field in ("train.log_every", "train.eval_every", "train.checkpoint_every",
                 "train.preemption_check_every", "data.prefetch"):
     if _get(c, field) < 0:

@@ -125,6 +125,28 @@ def test_leave_one_out_split_and_windows(tmp_path):
   assert covered == set(range(2, 11))  # every training target of both users appears
 
 
+def test_holdout_test_trains_through_the_validation_item(tmp_path):
+  """data.holdout='test' (generative-recommenders' published split): the training
+  prefix keeps the second-to-last item, only the last is held out, there is no
+  validation split, and a 2-item user is evaluated."""
+  lines = "".join(f"1 {i}\n" for i in range(1, 13)) + "2 1\n2 2\n"
+  path = write(tmp_path, "s.txt", lines)
+  seqs = build_sequences(read_sasrec(path))
+  windows = train_examples(seqs, max_len=4, holdout="test")
+  assert len(windows) == 1    # user 2 keeps one item to train on: no window
+  assert windows.padded(np.arange(1))["targets"].tolist() == [[8, 9, 10, 11]]  # through 11
+  test = eval_examples(seqs, "test", max_len=4, holdout="test")
+  assert test.target.tolist() == [12, 2] and test.inputs.tolist()[1] == [0, 0, 0, 1]
+  with pytest.raises(ValueError, match="no 'valid' split"):
+    eval_examples(seqs, "valid", max_len=4, holdout="test")
+  assert item_popularity(seqs, "test").tolist()[11] == 1   # item 11 is trained on
+  assert item_popularity(seqs).tolist()[11] == 0
+  config = tiny_config(**{"data.path": str(path), "data.max_len": 4,
+                          "data.holdout": "test"})
+  data = load_dataset(config.data)
+  assert data.valid is None and data.test.target.tolist() == [12, 2]
+
+
 def test_window_ends():
   assert window_ends(10, 4, 0) == [10]
   assert window_ends(20, 4, 5) == [20, 15, 10, 5]
@@ -229,6 +251,10 @@ def test_prepared_data_errors_name_the_bad_part(tmp_path):
     store.write(tmp_path / "x", *args, shards=len(data.train) + 1, **ids)
   store.write(tmp_path / "ok", *args, shards=3, **ids)
   config.data.path = str(tmp_path / "ok")
+  config.data.holdout = "test"
+  with pytest.raises(DataFormatError, match="holdout = 'test'.*prepared with the validation"):
+    load_dataset(config.data)
+  config.data.holdout = "valid_test"
   config.data.max_len = 9
   with pytest.raises(DataFormatError, match="prepared with max_len 8"):
     load_dataset(config.data)

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from jaxrec.config import ConfigError
 from jaxrec.train.checkpoint import CheckpointMismatchError
 from jaxrec.train.loop import train_and_evaluate
 from experiments.configs import quickstart
@@ -127,6 +128,22 @@ def test_train_command_line_runs(tmp_path):
   out = json.loads(result.stdout[result.stdout.index("{"):])
   assert set(out["test"]) >= {"hr@10", "ndcg@10", "mrr"}
   assert "step 3/3" in result.stderr
+
+
+def test_holdout_test_evaluates_the_test_split_and_selects_nothing(tmp_path):
+  """The published runs' split: no validation evaluations, the periodic evaluations
+  read the test split, the last step is reported, and selecting on validation is a
+  config error."""
+  overrides = {"data.max_len": 16, "train.steps": 4, "train.eval_every": 2,
+               "train.checkpoint_every": 4, "train.log_every": 0, "eval.max_users": 32,
+               "eval.batch_size": 16, "data.holdout": "test"}
+  with pytest.raises(ConfigError, match="select_on = 'ndcg@10' selects on the validation"):
+    train_and_evaluate(tiny_config(**overrides, **{"train.select_on": "ndcg@10"}), tmp_path)
+  summary = train_and_evaluate(tiny_config(**overrides), tmp_path)
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], r["split"]) for r in rows if "split" in r] == [(2, "test"), (4, "test")]
+  assert summary["valid"] is None and summary["selected"] is None
+  assert "trained through the validation item" in summary["protocol"]
 
 
 def test_select_on_reports_the_test_metrics_of_the_best_validation_step(tmp_path):

@@ -12,6 +12,7 @@ import dataclasses
 import ml_collections
 import numpy as np
 
+from jaxrec.config import HOLDOUTS
 from jaxrec.data import store
 from jaxrec.data.loaders import DataFormatError, Interactions, load_interactions
 from jaxrec.data.sequences import (EvalExamples, Sequences, TrainExamples, Windows,
@@ -22,7 +23,7 @@ from jaxrec.data.sequences import (EvalExamples, Sequences, TrainExamples, Windo
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   train: Windows
-  valid: EvalExamples
+  valid: EvalExamples | None   # None when the validation item is trained on (holdout 'test')
   test: EvalExamples
   num_items: int
   popularity: np.ndarray    # training-prefix counts per item id (0 = padding)
@@ -34,12 +35,17 @@ class Dataset:
 
 
 def from_sequences(seqs: Sequences, max_len: int, window_stride: int = 0,
-                   eval_max_users: int = 0) -> Dataset:
+                   eval_max_users: int = 0, holdout: str = "valid_test") -> Dataset:
+  """The splits of `holdout` (config.HOLDOUTS): training windows end before the
+  held-out items."""
+  valid = None
+  if HOLDOUTS[holdout] >= 2:
+    valid = eval_examples(seqs, "valid", max_len, eval_max_users, holdout)
   return Dataset(
-      train=train_examples(seqs, max_len, window_stride),
-      valid=eval_examples(seqs, "valid", max_len, eval_max_users),
-      test=eval_examples(seqs, "test", max_len, eval_max_users),
-      num_items=seqs.num_items, popularity=item_popularity(seqs),
+      train=train_examples(seqs, max_len, window_stride, holdout),
+      valid=valid,
+      test=eval_examples(seqs, "test", max_len, eval_max_users, holdout),
+      num_items=seqs.num_items, popularity=item_popularity(seqs, holdout),
       description=seqs.describe(), source=seqs.source,
       has_time=seqs.timestamps is not None, item_ids=seqs.item_ids, user_ids=seqs.user_ids)
 
@@ -48,6 +54,11 @@ def load_dataset(data: ml_collections.ConfigDict, eval_max_users: int = 0) -> Da
   """Reads, orders, filters and splits the dataset a config names (a file, or a
   folder written by experiments.prepare_data)."""
   if store.is_prepared(data.path):
+    if data.holdout != "valid_test":
+      raise DataFormatError(
+          f"config.data.holdout = {data.holdout!r}, but {data.path} was prepared with the "
+          "validation and test items held out (experiments.prepare_data writes "
+          "'valid_test' splits); train from the interaction file, or use 'valid_test'")
     parts = store.read(data.path)
     if parts["train"].max_len != data.max_len:
       raise DataFormatError(
@@ -58,7 +69,8 @@ def load_dataset(data: ml_collections.ConfigDict, eval_max_users: int = 0) -> Da
                                        for k in ("valid", "test"))
     return Dataset(**parts)
   seqs = build_sequences(load_interactions(data.format, data.path), data.kcore)
-  return from_sequences(seqs, data.max_len, data.window_stride, eval_max_users)
+  return from_sequences(seqs, data.max_len, data.window_stride, eval_max_users,
+                        data.holdout)
 
 
 def _first(ex: EvalExamples, n: int) -> EvalExamples:

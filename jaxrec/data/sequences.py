@@ -12,10 +12,17 @@ import dataclasses
 
 import numpy as np
 
+from jaxrec.config import HOLDOUTS
 from jaxrec.data.loaders import DataFormatError, Interactions
 
 PAD = 0
-MIN_EVAL_LEN = 3  # a user needs a training item, a validation item and a test item
+
+
+def min_eval_len(holdout: str) -> int:
+  """Interactions a user needs to be evaluated: one to train on, plus the held-out."""
+  if holdout not in HOLDOUTS:
+    raise ValueError(f"holdout = {holdout!r}; valid values are {', '.join(HOLDOUTS)}")
+  return HOLDOUTS[holdout] + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,10 +185,10 @@ class EvalExamples:
     return self.history[self.history_offsets[r]:self.history_offsets[r + 1]]
 
 
-def train_prefix_end(lengths: np.ndarray) -> np.ndarray:
-  """Index where each user's training prefix ends: the last two items are held out
-  for users that can be evaluated (leave-one-out), none for shorter users."""
-  return np.where(lengths >= MIN_EVAL_LEN, lengths - 2, lengths)
+def train_prefix_end(lengths: np.ndarray, holdout: str = "valid_test") -> np.ndarray:
+  """Index where each user's training prefix ends: the held-out items (HOLDOUTS) are
+  cut for users that can be evaluated, none for shorter users."""
+  return np.where(lengths >= min_eval_len(holdout), lengths - HOLDOUTS[holdout], lengths)
 
 
 def window_ends(n: int, max_len: int, stride: int) -> list[int]:
@@ -198,9 +205,10 @@ def window_ends(n: int, max_len: int, stride: int) -> list[int]:
   return ends
 
 
-def train_examples(seqs: Sequences, max_len: int, window_stride: int = 0) -> TrainExamples:
+def train_examples(seqs: Sequences, max_len: int, window_stride: int = 0,
+                   holdout: str = "valid_test") -> TrainExamples:
   """SASRec-CE training windows from each user's training prefix."""
-  ends = train_prefix_end(seqs.lengths)
+  ends = train_prefix_end(seqs.lengths, holdout)
   pieces, times, sizes = [], [], []
   for u in range(seqs.num_users):
     prefix = seqs.user(u)[:ends[u]]
@@ -221,17 +229,22 @@ def train_examples(seqs: Sequences, max_len: int, window_stride: int = 0) -> Tra
                        np.concatenate(times).astype(np.int64) if times else None)
 
 
-def eval_examples(seqs: Sequences, split: str, max_len: int, max_users: int = 0) -> EvalExamples:
+def eval_examples(seqs: Sequences, split: str, max_len: int, max_users: int = 0,
+                  holdout: str = "valid_test") -> EvalExamples:
   """Leave-one-out: `valid` predicts the second-to-last item, `test` the last."""
   if split not in ("valid", "test"):
     raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+  if split == "valid" and HOLDOUTS[holdout] < 2:
+    raise ValueError(f"holdout {holdout!r} trains on the validation item; it has no "
+                     "'valid' split")
   lengths = seqs.lengths
-  users = np.flatnonzero(lengths >= MIN_EVAL_LEN)
+  need = min_eval_len(holdout)
+  users = np.flatnonzero(lengths >= need)
   if max_users > 0:
     users = users[:max_users]
   if users.shape[0] == 0:
     raise DataFormatError(
-        f"{seqs.source}: no user has the {MIN_EVAL_LEN} interactions leave-one-out needs")
+        f"{seqs.source}: no user has the {need} interactions leave-one-out needs")
   inputs, target, hist, times, target_time = [], [], [], [], []
   for u in users:
     s = seqs.user(u)
@@ -251,9 +264,9 @@ def eval_examples(seqs: Sequences, split: str, max_len: int, max_users: int = 0)
                       np.asarray(target_time, np.int64) if times else None)
 
 
-def item_popularity(seqs: Sequences) -> np.ndarray:
+def item_popularity(seqs: Sequences, holdout: str = "valid_test") -> np.ndarray:
   """Training-prefix interaction counts per item id (index 0 = padding, count 0)."""
-  ends = train_prefix_end(seqs.lengths)
+  ends = train_prefix_end(seqs.lengths, holdout)
   mask = np.arange(seqs.items.shape[0]) < np.repeat(seqs.offsets[:-1] + ends, seqs.lengths)
   return np.bincount(seqs.items[mask], minlength=seqs.num_items + 1)
 

@@ -51,8 +51,10 @@ from jaxrec.train.step import TrainProgram, measure_piece_costs
 # the devices without that risk (and bounds how late a non-finite step is seen).
 MAX_STEPS_IN_FLIGHT = 2
 
-PROTOCOL = ("leave-one-out, full ranking over all items, {history}, ties counted "
-            "against the target")
+PROTOCOL = ("leave-one-out ({holdout}), full ranking over all items, {history}, ties "
+            "counted against the target")
+HOLDOUT_WORDS = {"valid_test": "last two items held out: validation, test",
+                 "test": "last item held out: test; trained through the validation item"}
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -118,8 +120,9 @@ class PreemptionGuard:
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
-def protocol(exclude_history: bool) -> str:
-  return PROTOCOL.format(history="history items removed from the candidates"
+def protocol(exclude_history: bool, holdout: str = "valid_test") -> str:
+  return PROTOCOL.format(holdout=HOLDOUT_WORDS[holdout],
+                         history="history items removed from the candidates"
                          if exclude_history else "history items kept as candidates")
 
 
@@ -295,7 +298,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
 
   selector = BestSelector(config, workdir, program)
 
-  def validate_and_select(step: int) -> dict[str, float]:
+  def validate_and_select(step: int) -> dict[str, float] | None:
+    """The periodic evaluation: validation (and selection on it); with no validation
+    split (data.holdout = 'test') the test split, as generative-recommenders reports
+    it during training — nothing is selected on it."""
+    if dataset.valid is None:
+      if step != total:
+        metrics.write({"step": step, "split": "test", **evaluate_split(state, "test")})
+      return None
     valid = evaluate_split(state, "valid")
     metrics.write({"step": step, "split": "valid", **valid})
     selector.consider(step, valid, state)
@@ -373,7 +383,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   summary = {
       "test": test, "valid": valid, "selected": selected, "final": final,
       "baseline_most_popular_test": baseline,
-      "protocol": protocol(config.eval.exclude_history),
+      "protocol": protocol(config.eval.exclude_history, config.data.holdout),
       "wall_time_s": time.perf_counter() - wall_start,
       "steps": total, "resumed_from_step": start_step if start_step else None,
       "skipped_steps": streak["skipped"],
