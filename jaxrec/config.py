@@ -20,6 +20,11 @@ PACKINGS = ("none", "greedy")
 #               through the item before it, as generative-recommenders' published
 #               MovieLens and Amazon runs do (DatasetV2 with ignore_last_n=1).
 HOLDOUTS = {"valid_test": 2, "test": 1}
+
+
+def has_validation(holdout: str) -> bool:
+  """Whether a holdout keeps a validation item out of training (one spelling of it)."""
+  return HOLDOUTS[holdout] >= 2
 POSITIONS = ("learned", "rope", "none")
 MLPS = ("gelu", "relu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
@@ -359,9 +364,10 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
     if not c.train.eval_every:
       raise ConfigError("config.train.select_on needs config.train.eval_every > 0 (the "
                         "validation evaluations it selects from)")
-    if c.data.holdout == "test":
+    if not has_validation(c.data.holdout):
       raise ConfigError(f"config.train.select_on = {c.train.select_on!r} selects on the "
-                        "validation split, which config.data.holdout = 'test' trains on; "
+                        f"validation split, which config.data.holdout = {c.data.holdout!r} "
+                        "trains on; "
                         "set train.select_on='' (the last step is reported) or "
                         "data.holdout='valid_test'")
   for field in ("train.log_every", "train.eval_every", "train.checkpoint_every",

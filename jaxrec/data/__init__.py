@@ -12,7 +12,7 @@ import dataclasses
 import ml_collections
 import numpy as np
 
-from jaxrec.config import HOLDOUTS
+from jaxrec.config import has_validation
 from jaxrec.data import store
 from jaxrec.data.loaders import DataFormatError, Interactions, load_interactions
 from jaxrec.data.sequences import (EvalExamples, Sequences, TrainExamples, Windows,
@@ -39,7 +39,7 @@ def from_sequences(seqs: Sequences, max_len: int, window_stride: int = 0,
   """The splits of `holdout` (config.HOLDOUTS): training windows end before the
   held-out items."""
   valid = None
-  if HOLDOUTS[holdout] >= 2:
+  if has_validation(holdout):
     valid = eval_examples(seqs, "valid", max_len, eval_max_users, holdout)
   return Dataset(
       train=train_examples(seqs, max_len, window_stride, holdout),

@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from jaxrec.config import HOLDOUTS
+from jaxrec.config import HOLDOUTS, has_validation
 from jaxrec.data.loaders import DataFormatError, Interactions
 
 PAD = 0
@@ -234,11 +234,11 @@ def eval_examples(seqs: Sequences, split: str, max_len: int, max_users: int = 0,
   """Leave-one-out: `valid` predicts the second-to-last item, `test` the last."""
   if split not in ("valid", "test"):
     raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-  if split == "valid" and HOLDOUTS[holdout] < 2:
+  need = min_eval_len(holdout)   # first: it names a bad holdout
+  if split == "valid" and not has_validation(holdout):
     raise ValueError(f"holdout {holdout!r} trains on the validation item; it has no "
                      "'valid' split")
   lengths = seqs.lengths
-  need = min_eval_len(holdout)
   users = np.flatnonzero(lengths >= need)
   if max_users > 0:
     users = users[:max_users]
