@@ -128,7 +128,13 @@ def default_config() -> ml_collections.ConfigDict:
   # earlier positions, so serving can cache keys and values) or back from its last
   # item ("end": SASRec's right-aligned rows).
   c.model.position_origin = "start"
-  c.model.init_std = 0.02
+  c.model.init_std = 0.02          # weights of the blocks
+  # Embedding inits (0 = jaxrec's own: item rows d^-1/2 when embed_scale, so the scaled
+  # input has std 1, else init_std; learned positions init_std). generative-recommenders
+  # starts items at 0.02 (x sqrt(d) at the input) and positions at sqrt(1/d), so the
+  # two signals start equal; its recipes set these.
+  c.model.item_init_std = 0.0
+  c.model.position_init_std = 0.0
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
@@ -242,6 +248,10 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
   _choice(c, "model.attention", ATTENTIONS)
   _choice(c, "model.block", BLOCKS)
   _choice(c, "model.position_origin", ("start", "end"))
+  for field in ("model.init_std", "model.item_init_std", "model.position_init_std"):
+    if not _get(c, field) >= 0:
+      raise ConfigError(f"config.{field} = {_get(c, field)!r}; valid values are >= 0 "
+                        "(a standard deviation; 0 picks the default for the embeddings)")
   _choice(c, "pipeline.remat", PIPELINE_REMAT)
   _choice(c, "pipeline.balance_costs", BALANCE_COSTS)
   _choice(c, "train.opt_state_dtype", DTYPES)

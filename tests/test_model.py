@@ -74,3 +74,19 @@ def test_layers_are_stacked_with_logical_axes():
   assert fns.logical_axes["items"]["table"] == ("items", "embed")
   for axes in jax.tree.leaves(fns.logical_axes["layers"], is_leaf=lambda x: isinstance(x, tuple)):
     assert axes[0] == "layers"
+
+
+@pytest.mark.parametrize("kw,item_std,pos_std", [
+    ({}, 64 ** -0.5, 0.02),                                   # jaxrec's: scaled input std 1
+    ({"embed_scale": False, "init_std": 0.05}, 0.05, 0.05),
+    ({"item_init_std": 0.02, "position_init_std": 64 ** -0.5}, 0.02, 64 ** -0.5),  # reference
+])
+def test_embedding_init_scales(kw, item_std, pos_std):
+  """Item rows and learned positions start at the standard deviations asked for (the
+  generative-recommenders recipes start them equal after the sqrt(d) input scale)."""
+  cfg = ModelConfig(num_items=4000, max_len=200, d_model=64, n_heads=2, n_layers=1, d_ff=32,
+                    **kw)
+  params = RecommenderFns(cfg).init(jax.random.key(0))
+  rows = np.asarray(params["items"]["table"])[1:4001]
+  np.testing.assert_allclose(rows.std(), item_std, rtol=0.02)
+  np.testing.assert_allclose(np.asarray(params["pos"]).std(), pos_std, rtol=0.02)

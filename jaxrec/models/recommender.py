@@ -60,6 +60,8 @@ class ModelConfig:
   final_norm: bool = True       # a norm after the last block (HSTU has none)
   position_origin: str = "start"  # positions count from a sequence's first item, or "end"
   init_std: float = 0.02
+  item_init_std: float = 0.0      # 0: d^-1/2 with embed_scale (input std 1), else init_std
+  position_init_std: float = 0.0  # 0: init_std
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict, num_items: int,
@@ -81,6 +83,16 @@ class ModelConfig:
     return jnp.bfloat16 if self.param_dtype == "bfloat16" else jnp.float32
 
   @property
+  def item_std(self) -> float:
+    if self.item_init_std > 0:
+      return self.item_init_std
+    return self.d_model ** -0.5 if self.embed_scale else self.init_std
+
+  @property
+  def position_std(self) -> float:
+    return self.position_init_std or self.init_std
+
+  @property
   def qk_dim(self) -> int:
     return self.hstu_qk_dim or self.d_model // self.n_heads
 
@@ -92,11 +104,10 @@ class ModelConfig:
 class Recommender(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.items = ItemEmbedding(cfg.num_items, cfg.d_model, cfg.item_table_multiple,
-                               cfg.d_model ** -0.5 if cfg.embed_scale else cfg.init_std,
-                               rngs)
+                               cfg.item_std, rngs)
     if cfg.positions == "learned":
       self.pos = nnx.Param(
-          nnx.initializers.normal(cfg.init_std)(rngs.params(), (cfg.max_len, cfg.d_model)),
+          nnx.initializers.normal(cfg.position_std)(rngs.params(), (cfg.max_len, cfg.d_model)),
           out_sharding=("seq", "embed"), eager_sharding=False)
 
     @nnx.split_rngs(splits=cfg.n_layers)
