@@ -7,8 +7,7 @@ SASRec-format ml-1m.txt has none), no final LayerNorm, 200 positions, batch 128,
 AdamW lr 1e-3 without decay or schedule, ~100 epochs; sampled softmax with 128
 uniform negatives per position, L2-normalised embeddings, temperature 0.05. The
 checkpoint reported is the one with the best validation NDCG@10 (every 5 epochs).
-Embeddings start as the reference's do (`reference_init`); the SASRec rows
-(`ml1m.py`, `ml1m_sampled.py`) were measured with jaxrec's own init and keep it.
+Embeddings start as the reference's do (`ml1m_sampled.reference_init`).
 """
 
 from experiments.configs import ml1m_sampled
@@ -26,17 +25,7 @@ def hstu_block(c, layers: int, heads: int, head_dim: int):
   return c
 
 
-def reference_init(c):
-  """generative-recommenders' embedding init (in place; returns it): item rows std
-  0.02 (embedding_modules.py), learned positions std sqrt(1/d)
-  (input_features_preprocessors.py), so after the sqrt(d) input scale both start at
-  std sqrt(1/d). The reference draws them truncated at 2 std; these are untruncated."""
-  c.model.item_init_std = 0.02
-  c.model.position_init_std = c.model.d_model ** -0.5
-  return c
-
-
 def get_config():
-  c = hstu_block(reference_init(ml1m_sampled.get_config()), layers=2, heads=1, head_dim=50)
+  c = hstu_block(ml1m_sampled.get_config(), layers=2, heads=1, head_dim=50)
   c.name = "ml1m_hstu"
   return c
