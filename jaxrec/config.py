@@ -248,10 +248,6 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
   _choice(c, "model.attention", ATTENTIONS)
   _choice(c, "model.block", BLOCKS)
   _choice(c, "model.position_origin", ("start", "end"))
-  for field in ("model.init_std", "model.item_init_std", "model.position_init_std"):
-    if not _get(c, field) >= 0:
-      raise ConfigError(f"config.{field} = {_get(c, field)!r}; valid values are >= 0 "
-                        "(a standard deviation; 0 picks the default for the embeddings)")
   _choice(c, "pipeline.remat", PIPELINE_REMAT)
   _choice(c, "pipeline.balance_costs", BALANCE_COSTS)
   _choice(c, "train.opt_state_dtype", DTYPES)
@@ -381,8 +377,9 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
                         "set train.select_on='' (the last step is reported) or "
                         "data.holdout='valid_test'")
   for field in ("train.log_every", "train.eval_every", "train.checkpoint_every",
-                "train.preemption_check_every", "data.prefetch"):
-    if _get(c, field) < 0:
+                "train.preemption_check_every", "data.prefetch",
+                "model.init_std", "model.item_init_std", "model.position_init_std"):
+    if not _get(c, field) >= 0:   # (NaN fails too)
       raise ConfigError(f"config.{field} = {_get(c, field)} must be >= 0")
 
 

@@ -84,9 +84,7 @@ class ModelConfig:
 
   @property
   def item_std(self) -> float:
-    if self.item_init_std > 0:
-      return self.item_init_std
-    return self.d_model ** -0.5 if self.embed_scale else self.init_std
+    return self.item_init_std or (self.d_model ** -0.5 if self.embed_scale else self.init_std)
 
   @property
   def position_std(self) -> float:
