@@ -1,15 +1,16 @@
 """Every `python -m experiments...` command in the README runs, as a smoke run.
 
 The commands are read from the README's bash blocks (continuation lines joined), run in
-order in a sandbox whose `../shared/data` holds small generated files in the formats the
-configs read, with `/path/to/...` placeholders pointed at them and JAXREC_SMALL=1 (every
-experiment shrinks its model, data and steps). `experiments.serve` is started, asked
-the README's `curl` requests, and stopped. Shell lines (pip, pytest, launch scripts,
+order (two at a time where they share no path) in a sandbox whose `../shared/data` holds
+small generated files in the formats the configs read, with `/path/to/...` placeholders
+pointed at them and JAXREC_SMALL=1 (every experiment shrinks its model, data and steps).
+`experiments.serve` is started, asked the README's `curl` requests, and stopped. Shell lines (pip, pytest, launch scripts,
 gcloud, SLURM) are not run here: tests/test_launch.py covers the launch scripts.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -103,31 +105,71 @@ def test_the_readme_names_its_commands():
   assert any(c.startswith("python -m experiments.serve ") for c in commands)
 
 
-def test_every_readme_experiment_command_runs(sandbox):
-  work, env, subs = sandbox
-  lines = readme_commands()
-  failures = []
+def readme_jobs(lines: list[str], substitutions: dict[str, str]) -> list[tuple[str, list[str]]]:
+  """(experiment command, the `curl` lines that ask it) in README order, placeholders
+  substituted; the quick start's `pip install ... &&` is already done here."""
+  jobs = []
   i = 0
   while i < len(lines):
-    line = substitute(lines[i], subs)
+    line = substitute(lines[i], substitutions)
     i += 1
     if line.startswith("pip install") and "&& python -m experiments." in line:
-      line = line.split("&& ", 1)[1]          # the quick start: already installed
+      line = line.split("&& ", 1)[1]
     if not line.startswith("python -m experiments."):
       continue
+    curls = []
     if line.startswith("python -m experiments.serve "):
-      curls = []
       while i < len(lines) and lines[i].startswith("curl "):
         curls.append(lines[i])
         i += 1
-      failures += serve_and_ask(line, curls, work, env)
-      continue
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, *shlex.split(line)[1:]], cwd=work, env=env, capture_output=True, text=True, timeout=900)
-    took = time.perf_counter() - start
-    print(f"{took:6.1f}s  rc={proc.returncode}  {line}")
-    if proc.returncode != 0:
-      failures.append(f"{line}\n--- exit {proc.returncode}; stderr tail:\n{proc.stderr[-3000:]}")
+    jobs.append((line, curls))
+  return jobs
+
+
+PATH_FLAGS = ("workdir", "output", "out", "root", "input", "config.data.path")
+
+
+def path_args(command: str) -> set[str]:
+  """The files and folders a command reads or writes (its path flags, and the quick
+  start's default workdir for a train command that names none)."""
+  args = dict(a[2:].split("=", 1) for a in shlex.split(command)[3:]
+              if a.startswith("--") and "=" in a)
+  values = {args[k] for k in PATH_FLAGS if k in args}
+  if command.split()[2] == "experiments.train" and "workdir" not in args:
+    values.add("runs/quickstart")
+  return values
+
+
+def test_every_readme_experiment_command_runs(sandbox):
+  """Two commands at a time (each is mostly one compiling thread; CI has 2 cores). A
+  command waits for every earlier one that shares a path argument with it (the serving
+  commands for the quick start's run, the prepared-data training for prepare_data)."""
+  work, env, subs = sandbox
+  jobs = readme_jobs(readme_commands(), subs)
+  done = [threading.Event() for _ in jobs]
+
+  def run(index: int) -> list[str]:
+    line, curls = jobs[index]
+    for earlier in range(index):
+      if path_args(jobs[earlier][0]) & path_args(line):
+        done[earlier].wait()
+    try:
+      if line.startswith("python -m experiments.serve "):
+        return serve_and_ask(line, curls, work, env)
+      start = time.perf_counter()
+      proc = subprocess.run([sys.executable, *shlex.split(line)[1:]], cwd=work, env=env,
+                            capture_output=True, text=True, timeout=900)
+      print(f"{time.perf_counter() - start:6.1f}s  rc={proc.returncode}  {line}")
+      if proc.returncode != 0:
+        return [f"{line}\n--- exit {proc.returncode}; stderr tail:\n{proc.stderr[-3000:]}"]
+      return []
+    finally:
+      done[index].set()
+
+  # workers take jobs in order, so every job a running one waits for has started
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    failures = [f for result in pool.map(run, range(len(jobs))) for f in result]
+  assert len(jobs) >= 15, jobs
   assert not failures, "\n\n".join(failures)
 
 
