@@ -4,8 +4,9 @@ The commands are read from the README's bash blocks (continuation lines joined),
 order (two at a time where they share no path) in a sandbox whose `../shared/data` holds
 small generated files in the formats the configs read, with `/path/to/...` placeholders
 pointed at them and JAXREC_SMALL=1 (every experiment shrinks its model, data and steps).
-`experiments.serve` is started, asked the README's `curl` requests, and stopped. Shell lines (pip, pytest, launch scripts,
-gcloud, SLURM) are not run here: tests/test_launch.py covers the launch scripts.
+`experiments.serve` is started, asked the README's `curl` requests, and stopped. Shell
+lines (pip, pytest, launch scripts, gcloud, SLURM) are not run here:
+tests/test_launch.py covers the launch scripts.
 """
 
 from __future__ import annotations
