@@ -145,6 +145,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.01
   c.train.b1 = 0.9
   c.train.b2 = 0.98
+  # Adam's epsilon (optax's and PyTorch's 1e-8). The step is lr * m / (sqrt(v) + eps),
+  # so lr / eps bounds how far rounding noise in a near-zero gradient moves its weight.
+  c.train.adam_eps = 1e-8
   c.train.grad_clip = 1.0     # global-norm clip; 0 = off
   c.train.optimizer = "adamw"  # adamw | sgd (plain SGD: for equivalence checks)
   c.train.opt_state_dtype = "float32"  # Adam moments' storage dtype (bf16 halves them)
@@ -291,6 +294,8 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
       raise ConfigError(f"config.{field} = {_get(c, field)} must be positive")
   if c.loss.item_tile < 0:
     raise ConfigError(f"config.loss.item_tile = {c.loss.item_tile} must be >= 0 (0 = auto)")
+  if c.train.adam_eps <= 0:
+    raise ConfigError(f"config.train.adam_eps = {c.train.adam_eps} must be positive")
   if c.loss.temperature <= 0:
     raise ConfigError(f"config.loss.temperature = {c.loss.temperature} must be positive")
   if c.loss.type == "sampled" and c.pipeline.head == "spread" and mesh.pipe > 1:

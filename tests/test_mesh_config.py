@@ -50,6 +50,7 @@ def test_mesh_has_all_four_axes_in_order():
     ({"pipeline.microbatches": 3}, MeshShape(data=8), "microbatches = 3 does not divide"),
     ({"train.steps": 0}, MeshShape(), "train.steps = 0 must be positive"),
     ({"model.position_init_std": -0.1}, MeshShape(), "position_init_std = -0.1 must be >= 0"),
+    ({"train.adam_eps": 0.0}, MeshShape(), "adam_eps = 0.0 must be positive"),
 ])
 def test_config_validation_errors(overrides, mesh, needle):
   with pytest.raises(ConfigError, match=needle):

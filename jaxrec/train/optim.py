@@ -52,10 +52,11 @@ def optimizer(train: ml_collections.ConfigDict, logical_axes: Any,
   else:
     mask = jax.tree.map(lambda axes: len([a for a in axes if a != "layers"]) >= 2,
                         logical_axes, is_leaf=lambda x: isinstance(x, tuple))
-    tx = optax.adamw(lr_schedule(train), b1=train.b1, b2=train.b2, eps=1e-8,
+    tx = optax.adamw(lr_schedule(train), b1=train.b1, b2=train.b2, eps=train.adam_eps,
                      weight_decay=train.weight_decay, mask=mask)
     if table_optimizer != "adamw":
-      table = (lazy_adam(lr_schedule(train), train.b1, train.b2, 1e-8, train.weight_decay)
+      table = (lazy_adam(lr_schedule(train), train.b1, train.b2, train.adam_eps,
+                         train.weight_decay)
                if table_optimizer == "lazy_adam" else rowwise_adagrad(lr_schedule(train)))
       labels = jax.tree_util.tree_map_with_path(
           lambda path, _: "table" if _is_table(path) else "dense", logical_axes,
