@@ -23,18 +23,3 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir",
                   os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-# pytest-xdist hands whole files to its two workers in collection order, so the longest
-# files go first (longest-processing-time scheduling): alphabetically, the 14-minute
-# README-commands file started last and ran alone for its whole length (slow suite
-# 1,878 s). Only the order changes; a file missing here keeps its place after these.
-LONGEST_FIRST = ("test_readme_commands.py", "test_reliability.py", "test_train_loop.py",
-                 "test_table_sharding.py", "test_cost_model.py", "test_compression.py",
-                 "test_pipeline.py", "test_tensor_parallel.py", "test_item_loss.py",
-                 "test_notebooks.py", "test_balance.py", "test_multihost.py",
-                 "test_serving.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: in-file order kept
