@@ -146,7 +146,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.b1 = 0.9
   c.train.b2 = 0.98
   # Adam's epsilon (optax's and PyTorch's 1e-8). The step is lr * m / (sqrt(v) + eps),
-  # so lr / eps bounds how far rounding noise in a near-zero gradient moves its weight.
+  # so rounding noise d in a near-zero gradient moves its weight by up to lr * d / eps.
   c.train.adam_eps = 1e-8
   c.train.grad_clip = 1.0     # global-norm clip; 0 = off
   c.train.optimizer = "adamw"  # adamw | sgd (plain SGD: for equivalence checks)
@@ -289,15 +289,12 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
     raise ConfigError(f"config.embedding.optimizer = {c.embedding.optimizer!r} needs "
                       f"config.train.optimizer = 'adamw' (got {c.train.optimizer!r})")
   _choice(c, "loss.negatives", NEGATIVES)
-  for field in ("loss.token_chunk", "loss.num_negatives"):
+  for field in ("loss.token_chunk", "loss.num_negatives", "loss.temperature",
+                "train.adam_eps"):
     if _get(c, field) <= 0:
       raise ConfigError(f"config.{field} = {_get(c, field)} must be positive")
   if c.loss.item_tile < 0:
     raise ConfigError(f"config.loss.item_tile = {c.loss.item_tile} must be >= 0 (0 = auto)")
-  if c.train.adam_eps <= 0:
-    raise ConfigError(f"config.train.adam_eps = {c.train.adam_eps} must be positive")
-  if c.loss.temperature <= 0:
-    raise ConfigError(f"config.loss.temperature = {c.loss.temperature} must be positive")
   if c.loss.type == "sampled" and c.pipeline.head == "spread" and mesh.pipe > 1:
     raise ConfigError(
         "config.pipeline.head = 'spread' splits the full softmax over the stages; with "
