@@ -23,3 +23,18 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_compilation_cache_dir",
                   os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+# The slow suite's longest test by far (the README commands, 8-14 min) sits in a file of
+# two tests, and xdist queues files by test count, so it used to start last and run
+# alone. For the slow suite, files go out in collection order with it first.
+_START_FIRST = "test_readme_commands.py"
+
+
+def pytest_configure(config):
+  if config.option.markexpr == "slow" and hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  items.sort(key=lambda item: item.path.name != _START_FIRST)   # stable: others keep order
