@@ -46,6 +46,8 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "save_attention_out")
 PIPELINE_REMAT = ("none", "full")
 ATTENTIONS = ("xla", "cudnn")
 BLOCKS = ("sasrec", "hstu")
+# the SASRec block: standard pre-norm, or the original paper's (and the HSTU table's) layout
+SASREC_LAYOUTS = ("pre_norm", "original")
 LOSS_TYPES = ("full", "sampled")
 TABLE_SHARDINGS = ("tensor", "rows")
 TABLE_OPTIMIZERS = ("adamw", "lazy_adam", "rowwise_adagrad")
@@ -123,6 +125,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.hstu_v_dim = 0           # HSTU per-head u/v width; 0 = d_model / n_heads
   c.model.time_bias = True         # HSTU: bucketed time-gap bias, where the data has times
   c.model.time_buckets = 128
+  c.model.sasrec_layout = "pre_norm"  # | "original": K/V from the un-normalised x, post-norm
   c.model.final_norm = True        # a norm after the last block (HSTU's encoder has none)
   # Positions count from each sequence's first item ("start": appending an item keeps
   # earlier positions, so serving can cache keys and values) or back from its last
@@ -250,6 +253,11 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
   _choice(c, "model.remat", REMAT_POLICIES)
   _choice(c, "model.attention", ATTENTIONS)
   _choice(c, "model.block", BLOCKS)
+  _choice(c, "model.sasrec_layout", SASREC_LAYOUTS)
+  if c.model.block != "sasrec" and c.model.sasrec_layout != "pre_norm":
+    raise ConfigError(f"config.model.sasrec_layout = {c.model.sasrec_layout!r} applies to "
+                     f"model.block = 'sasrec' only (this model: {c.model.block!r}); "
+                     "leave it 'pre_norm'")
   _choice(c, "model.position_origin", ("start", "end"))
   _choice(c, "pipeline.remat", PIPELINE_REMAT)
   _choice(c, "pipeline.balance_costs", BALANCE_COSTS)

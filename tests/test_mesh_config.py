@@ -51,6 +51,8 @@ def test_mesh_has_all_four_axes_in_order():
     ({"train.steps": 0}, MeshShape(), "train.steps = 0 must be positive"),
     ({"model.position_init_std": -0.1}, MeshShape(), "position_init_std = -0.1 must be >= 0"),
     ({"train.adam_eps": 0.0}, MeshShape(), "adam_eps = 0.0 must be positive"),
+    ({"model.block": "hstu", "model.sasrec_layout": "original"}, MeshShape(),
+     "sasrec_layout = 'original' applies to model.block = 'sasrec' only"),
 ])
 def test_config_validation_errors(overrides, mesh, needle):
   with pytest.raises(ConfigError, match=needle):

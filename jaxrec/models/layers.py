@@ -116,9 +116,15 @@ class Attention(nnx.Module):
                      (n_heads, head_dim, d_model), ("heads", "kv", "embed"))
 
   def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array,
-               ctx: Context) -> jax.Array:
-    qkv = tensor.column_parallel(x, self.qkv[...], "btd,dkhe->btkhe")
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+               ctx: Context, kv: jax.Array | None = None) -> jax.Array:
+    """Queries from x; keys and values from `kv` when given (else from x)."""
+    if kv is None:
+      qkv = tensor.column_parallel(x, self.qkv[...], "btd,dkhe->btkhe")
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+      q = tensor.column_parallel(x, self.qkv[:, 0], "btd,dhe->bthe")
+      kv = tensor.column_parallel(kv, self.qkv[:, 1:], "btd,dkhe->btkhe")
+      k, v = kv[:, :, 0], kv[:, :, 1]
     if self.rotary_positions:
       q, k = rotary(q, positions), rotary(k, positions)
     o = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None],
@@ -152,10 +158,18 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm transformer block."""
+  """A transformer block, in one of two layouts with the same parameters.
+
+  `pre_norm`: x + attn(n1(x)), then + mlp(n2(.)): the standard layout.
+  `original`: SASRec's (Kang & McAuley 2018), kept by the HSTU paper's SASRec baseline
+  (generative-recommenders `sasrec.py`): queries from q = n1(x) but keys and values
+  from the un-normalised x, h = n2(q + attn), out = h + mlp(h).
+  """
 
   def __init__(self, d_model: int, n_heads: int, d_ff: int, mlp: str, norm: str,
-               rotary_positions: bool, init_std: float, rngs: nnx.Rngs):
+               rotary_positions: bool, init_std: float, rngs: nnx.Rngs,
+               layout: str = "pre_norm"):
+    self.layout = layout
     self.norm1 = Norm(d_model, norm)
     self.attn = Attention(d_model, n_heads, rotary_positions, init_std, rngs)
     self.norm2 = Norm(d_model, norm)
@@ -164,5 +178,9 @@ class Block(nnx.Module):
   def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, ctx: Context,
                layer_id: jax.Array | int) -> jax.Array:
     site = 2 * (layer_id + 1)
+    if self.layout == "original":
+      q = self.norm1(x)
+      h = self.norm2(q + dropout(self.attn(q, mask, positions, ctx, kv=x), ctx, site))
+      return h + dropout(self.mlp(h, ctx), ctx, site + 1)
     x = x + dropout(self.attn(self.norm1(x), mask, positions, ctx), ctx, site)
     return x + dropout(self.mlp(self.norm2(x), ctx), ctx, site + 1)

@@ -53,6 +53,7 @@ class ModelConfig:
   remat: str = "none"
   attention: str = "xla"
   block: str = "sasrec"         # "sasrec" (softmax attention + MLP) or "hstu"
+  sasrec_layout: str = "pre_norm"  # or "original" (layers.Block says how they differ)
   hstu_qk_dim: int = 0          # HSTU per-head query/key width (0: d_model / n_heads)
   hstu_v_dim: int = 0           # HSTU per-head u/v width (0: d_model / n_heads)
   time_bias: bool = True        # HSTU: bucketed time-gap bias (when the data has times)
@@ -115,7 +116,7 @@ class Recommender(nnx.Module):
         return HSTUBlock(cfg.d_model, cfg.n_heads, cfg.qk_dim, cfg.v_dim, cfg.max_len,
                          cfg.time_buckets, cfg.init_std, rngs)
       return Block(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.mlp, cfg.norm,
-                   cfg.positions == "rope", cfg.init_std, rngs)
+                   cfg.positions == "rope", cfg.init_std, rngs, cfg.sasrec_layout)
 
     self.layers = make_layers(rngs)
     if cfg.final_norm:

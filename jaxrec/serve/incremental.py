@@ -76,15 +76,23 @@ class Incremental:
 
   # ---------------------------------------------------------------- the math
   def _qkv(self, block, x, positions):
-    qkv = jnp.einsum("td,dkhe->tkhe", block.norm1(x), block.attn.qkv[...].astype(x.dtype))
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+    w = block.attn.qkv[...].astype(x.dtype)
+    normed = block.norm1(x)
+    kv_in = x if block.layout == "original" else normed   # see layers.Block
+    q = jnp.einsum("td,dhe->the", normed, w[:, 0])
+    kv = jnp.einsum("td,dkhe->tkhe", kv_in, w[:, 1:])
+    k, v = kv[:, 0], kv[:, 1]
     if self.cfg.positions == "rope":
       q, k = rotary(q[None], positions[None])[0], rotary(k[None], positions[None])[0]
     return q, k, v
 
   def _finish(self, block, x, attended):
     ctx = self.fns.context(dropout_rate=0.0)
-    x = x + jnp.einsum("the,hed->td", attended, block.attn.out[...].astype(x.dtype))
+    attn = jnp.einsum("the,hed->td", attended, block.attn.out[...].astype(x.dtype))
+    if block.layout == "original":
+      h = block.norm2(block.norm1(x) + attn)
+      return h + block.mlp(h[None], ctx)[0]
+    x = x + attn
     return x + block.mlp(block.norm2(x)[None], ctx)[0]
 
   def _embed(self, params, ids, positions):
