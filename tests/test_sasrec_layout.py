@@ -8,10 +8,8 @@ import pytest
 
 from jaxrec.models.recommender import ModelConfig, RecommenderFns, attention_mask
 from jaxrec.serve.incremental import Incremental
-from jaxrec.train import reference
-from tests.helpers import (RTOL, global_batch, max_rel_diff, program, synthetic_batch,
-                           tiny_config)
-from tests.test_pipeline import canonical
+from tests.helpers import synthetic_batch, tiny_config
+from tests.test_hstu import check
 
 ORIGINAL = {"model.sasrec_layout": "original"}
 
@@ -68,17 +66,7 @@ def test_one_layer_equals_the_numpy_reference():
     ("data:2,pipe:2,tensor:2", {"pipeline.schedule": "1f1b", "pipeline.microbatches": 4}),
 ])
 def test_original_layout_on_meshes_matches_the_reference(spec, overrides):
-  config = tiny_config(**ORIGINAL, **overrides)
-  devices = int(np.prod([int(part.split(":")[1]) for part in spec.split(",")]))
-  prog = program(config, spec, devices)
-  state = prog.init_state(0)
-  host = synthetic_batch(6)
-  loss, grads = prog.loss_and_grads(state, global_batch(prog, host))
-  params = canonical(prog, state.params)
-  ref_loss, ref_grads = reference.loss_and_grads(prog.fns, params, host,
-                                                 rng=jax.device_get(state.rng), step=0)
-  assert float(loss) == pytest.approx(float(ref_loss), rel=RTOL)
-  assert max_rel_diff(canonical(prog, grads), ref_grads) < RTOL
+  check(tiny_config(**ORIGINAL, **overrides), spec, synthetic_batch(6))
 
 
 def test_original_layout_is_causal():
