@@ -1,6 +1,8 @@
 """The SASRec block's `original` layout: a numpy reference of one layer, the parallel
 paths, causality and the KV cache."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,7 +58,7 @@ def test_one_layer_equals_the_numpy_reference():
   real = batch["inputs"] > 0
   np.testing.assert_allclose(got[real], want[real], rtol=1e-5, atol=1e-5)
   # and it is not the pre-norm block under another name
-  pre = RecommenderFns(ModelConfig(**{**cfg.__dict__, "sasrec_layout": "pre_norm"}))
+  pre = RecommenderFns(dataclasses.replace(cfg, sasrec_layout="pre_norm"))
   other = np.asarray(pre.layer(layer, x, tokens, pre.context(dropout_rate=0.0), 0))
   assert np.abs(other[real] - want[real]).max() > 1e-2
 

@@ -178,9 +178,23 @@ class Block(nnx.Module):
   def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array, ctx: Context,
                layer_id: jax.Array | int) -> jax.Array:
     site = 2 * (layer_id + 1)
+    q_in, kv_in = self.attention_inputs(x)
+    attn = dropout(self.attn(q_in, mask, positions, ctx, kv=kv_in), ctx, site)
+    return self.after_attention(x, q_in, attn, ctx, site + 1)
+
+  # The layout rule, in two halves around attention, so that the KV-cached serving
+  # path (serve/incremental.py), which runs its own attention, shares it.
+  def attention_inputs(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """(queries' input, keys' and values' input; None: the same as the queries')."""
+    q_in = self.norm1(x)
+    return q_in, (x if self.layout == "original" else None)
+
+  def after_attention(self, x: jax.Array, q_in: jax.Array, attn: jax.Array, ctx: Context,
+                      site: jax.Array | int) -> jax.Array:
+    """The block's output from its input, the queries' input and the attention output
+    (dropout applied); `site` is the MLP dropout's."""
     if self.layout == "original":
-      q = self.norm1(x)
-      h = self.norm2(q + dropout(self.attn(q, mask, positions, ctx, kv=x), ctx, site))
-      return h + dropout(self.mlp(h, ctx), ctx, site + 1)
-    x = x + dropout(self.attn(self.norm1(x), mask, positions, ctx), ctx, site)
-    return x + dropout(self.mlp(self.norm2(x), ctx), ctx, site + 1)
+      h = self.norm2(q_in + attn)
+      return h + dropout(self.mlp(h, ctx), ctx, site)
+    x = x + attn
+    return x + dropout(self.mlp(self.norm2(x), ctx), ctx, site)

@@ -76,24 +76,20 @@ class Incremental:
 
   # ---------------------------------------------------------------- the math
   def _qkv(self, block, x, positions):
+    """Queries, keys and values of x [T, D], plus the queries' input (for _finish)."""
     w = block.attn.qkv[...].astype(x.dtype)
-    normed = block.norm1(x)
-    kv_in = x if block.layout == "original" else normed   # see layers.Block
-    q = jnp.einsum("td,dhe->the", normed, w[:, 0])
-    kv = jnp.einsum("td,dkhe->tkhe", kv_in, w[:, 1:])
+    q_in, kv_in = block.attention_inputs(x)
+    q = jnp.einsum("td,dhe->the", q_in, w[:, 0])
+    kv = jnp.einsum("td,dkhe->tkhe", q_in if kv_in is None else kv_in, w[:, 1:])
     k, v = kv[:, 0], kv[:, 1]
     if self.cfg.positions == "rope":
       q, k = rotary(q[None], positions[None])[0], rotary(k[None], positions[None])[0]
-    return q, k, v
+    return q, k, v, q_in
 
-  def _finish(self, block, x, attended):
+  def _finish(self, block, x, q_in, attended):
     ctx = self.fns.context(dropout_rate=0.0)
     attn = jnp.einsum("the,hed->td", attended, block.attn.out[...].astype(x.dtype))
-    if block.layout == "original":
-      h = block.norm2(block.norm1(x) + attn)
-      return h + block.mlp(h[None], ctx)[0]
-    x = x + attn
-    return x + block.mlp(block.norm2(x)[None], ctx)[0]
+    return block.after_attention(x[None], q_in[None], attn[None], ctx, site=0)[0]
 
   def _embed(self, params, ids, positions):
     h = self.fns.lookup(params, ids, self.fns.context())
@@ -112,12 +108,12 @@ class Incremental:
 
     def layer(x, lp):
       block = self.fns.block(lp)
-      q, k, v = self._qkv(block, x, positions)
+      q, k, v, q_in = self._qkv(block, x, positions)
       s = jnp.einsum("qhe,khe->hqk", q, k, preferred_element_type=jnp.float32)
       s = jnp.where(causal[None], s / math.sqrt(q.shape[-1]), -1e30)
       attended = jnp.einsum("hqk,khe->qhe", jax.nn.softmax(s, -1).astype(x.dtype), v)
       pad = [(0, length - n), (0, 0), (0, 0)]
-      return self._finish(block, x, attended), (jnp.pad(k, pad), jnp.pad(v, pad))
+      return self._finish(block, x, q_in, attended), (jnp.pad(k, pad), jnp.pad(v, pad))
 
     x, (keys, values) = jax.lax.scan(layer, x, params["layers"])
     return keys, values, self.fns.final_hidden(params, x[-1])
@@ -130,13 +126,13 @@ class Incremental:
     def layer(x, args):
       lp, k_cache, v_cache = args
       block = self.fns.block(lp)
-      q, k, v = self._qkv(block, x, position)
+      q, k, v, q_in = self._qkv(block, x, position)
       k_cache = jax.lax.dynamic_update_index_in_dim(k_cache, k[0], n, 0)
       v_cache = jax.lax.dynamic_update_index_in_dim(v_cache, v[0], n, 0)
       s = jnp.einsum("qhe,khe->hqk", q, k_cache, preferred_element_type=jnp.float32)
       s = jnp.where(seen[None, None], s / math.sqrt(q.shape[-1]), -1e30)
       attended = jnp.einsum("hqk,khe->qhe", jax.nn.softmax(s, -1).astype(x.dtype), v_cache)
-      return self._finish(block, x, attended), (k_cache, v_cache)
+      return self._finish(block, x, q_in, attended), (k_cache, v_cache)
 
     x, (keys, values) = jax.lax.scan(layer, x, (params["layers"], keys, values))
     return keys, values, self.fns.final_hidden(params, x[0])
