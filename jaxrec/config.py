@@ -48,6 +48,7 @@ ATTENTIONS = ("xla", "cudnn")
 BLOCKS = ("sasrec", "hstu")
 # the SASRec block: standard pre-norm, or the original paper's (and the HSTU table's) layout
 SASREC_LAYOUTS = ("pre_norm", "original")
+DROPOUT_PLACEMENTS = ("residual", "reference")
 LOSS_TYPES = ("full", "sampled")
 TABLE_SHARDINGS = ("tensor", "rows")
 TABLE_OPTIMIZERS = ("adamw", "lazy_adam", "rowwise_adagrad")
@@ -126,6 +127,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.time_bias = True         # HSTU: bucketed time-gap bias, where the data has times
   c.model.time_buckets = 128
   c.model.sasrec_layout = "pre_norm"  # | "original": K/V from the un-normalised x, post-norm
+  # SASRec block's dropout: "residual" (attention and MLP outputs) | "reference" (attention
+  # probabilities, MLP hidden and output: generative-recommenders' sasrec.py)
+  c.model.dropout_placement = "residual"
   c.model.final_norm = True        # a norm after the last block (HSTU's encoder has none)
   # Positions count from each sequence's first item ("start": appending an item keeps
   # earlier positions, so serving can cache keys and values) or back from its last
@@ -258,6 +262,11 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
     raise ConfigError(f"config.model.sasrec_layout = {c.model.sasrec_layout!r} applies to "
                      f"model.block = 'sasrec' only (this model: {c.model.block!r}); "
                      "leave it 'pre_norm'")
+  _choice(c, "model.dropout_placement", DROPOUT_PLACEMENTS)
+  if c.model.block != "sasrec" and c.model.dropout_placement != "residual":
+    raise ConfigError(f"config.model.dropout_placement = {c.model.dropout_placement!r} "
+                      f"applies to model.block = 'sasrec' only (this model: "
+                      f"{c.model.block!r}); leave it 'residual'")
   _choice(c, "model.position_origin", ("start", "end"))
   _choice(c, "pipeline.remat", PIPELINE_REMAT)
   _choice(c, "pipeline.balance_costs", BALANCE_COSTS)

@@ -53,6 +53,10 @@ def test_mesh_has_all_four_axes_in_order():
     ({"train.adam_eps": 0.0}, MeshShape(), "adam_eps = 0.0 must be positive"),
     ({"model.block": "hstu", "model.sasrec_layout": "original"}, MeshShape(),
      "sasrec_layout = 'original' applies to model.block = 'sasrec' only"),
+    ({"model.dropout_placement": "inside"}, MeshShape(),
+     "dropout_placement = 'inside'; valid values are residual, reference"),
+    ({"model.block": "hstu", "model.dropout_placement": "reference"}, MeshShape(),
+     "dropout_placement = 'reference' applies to model.block = 'sasrec' only"),
 ])
 def test_config_validation_errors(overrides, mesh, needle):
   with pytest.raises(ConfigError, match=needle):

@@ -28,7 +28,7 @@ from flax import nnx
 
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxrec.models.layers import ATTENTION_OUT, Context, param
+from jaxrec.models.layers import ATTENTION_OUT, Context, param, sharded_dropout
 from jaxrec.parallel import tensor
 
 EPS = 1e-6
@@ -47,25 +47,6 @@ def time_buckets(query_times: jax.Array, key_times: jax.Array, buckets: int) -> 
                - key_times[:, None, :].astype(jnp.float32))
   b = jnp.floor(jnp.log(jnp.maximum(dt, 1.0)) / TIME_BUCKET_SCALE).astype(jnp.int32)
   return jnp.clip(b, 0, buckets)
-
-
-def _head_dropout(x: jax.Array, ctx: Context, site) -> jax.Array:
-  """Dropout of a head-sharded activation [B, T, H_local, dv]: the mask is drawn for
-  all heads (per example row, as `layers.dropout`) and this device takes its heads'
-  slice, so every mesh drops the same entries."""
-  if not ctx.train:
-    return x
-  keep = 1.0 - ctx.dropout_rate
-  shards = tensor.axis_size(ctx.tensor_axis)
-  full = (x.shape[1], x.shape[2] * shards, x.shape[3])
-
-  def row_mask(key):
-    mask = jax.random.bernoulli(jax.random.fold_in(key, site), keep, full)
-    start = tensor.axis_index(ctx.tensor_axis) * x.shape[2]
-    return jax.lax.dynamic_slice_in_dim(mask, start, x.shape[2], 1)
-
-  mask = jax.vmap(row_mask)(ctx.row_keys)
-  return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
 
 class HSTUBlock(nnx.Module):
@@ -115,6 +96,6 @@ class HSTUBlock(nnx.Module):
     var = tensor.all_reduce((centred * centred).sum((-2, -1)), ctx.tensor_axis) / width
     normed = (centred * jax.lax.rsqrt(var + EPS)[..., None, None]).astype(x.dtype)
     gated = checkpoint_name(u * normed, ATTENTION_OUT)
-    gated = _head_dropout(gated, ctx, 2 * (layer_id + 1))
+    gated = sharded_dropout(gated, ctx, 2 * (layer_id + 1), axis=2)
     y = tensor.row_parallel(gated, out_w, "bqhe,hed->bqd", ctx.tensor_axis)
     return x + y + self.out_bias[...].astype(x.dtype)

@@ -34,6 +34,7 @@ class Context:
   batch_axes: tuple[str, ...] = ()    # the data axes (in-batch negatives gather over them)
   table_axes: str | tuple[str, ...] | None = None   # the item table's rows' axes (None: tensor_axis)
   row_gradients: str = "exact"        # rows sharding: how row gradients travel (exact|bf16|int8)
+  dropout_placement: str = "residual"  # SASRec block: residual | reference (Block says where)
 
   @property
   def item_axes(self) -> tuple[str, ...]:
@@ -72,6 +73,30 @@ def dropout(x: jax.Array, ctx: Context, site: int | jax.Array) -> jax.Array:
 
   mask = jax.vmap(row_mask)(ctx.row_keys)
   return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+def sharded_dropout(x: jax.Array, ctx: Context, site: int | jax.Array, axis: int) -> jax.Array:
+  """`dropout` of an activation whose `axis` (heads, MLP width) is split over the tensor
+  axis: each row's mask is drawn for the whole axis and this device takes its slice, so
+  every mesh drops the same entries."""
+  if not ctx.train:
+    return x
+  keep = 1.0 - ctx.dropout_rate
+  full = list(x.shape[1:])
+  full[axis - 1] *= tensor.axis_size(ctx.tensor_axis)
+  start = tensor.axis_index(ctx.tensor_axis) * x.shape[axis]
+
+  def row_mask(key):
+    mask = jax.random.bernoulli(jax.random.fold_in(key, site), keep, tuple(full))
+    return jax.lax.dynamic_slice_in_dim(mask, start, x.shape[axis], axis - 1)
+
+  mask = jax.vmap(row_mask)(ctx.row_keys)
+  return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+# Dropout sites past the residual ones (0: embeddings, 2l+2 / 2l+3: layer l), for the
+# `reference` placement's attention probabilities and MLP hidden activations.
+PROBS_SITE, MLP_HIDDEN_SITE = 1 << 20, 2 << 20
 
 
 class Norm(nnx.Module):
@@ -116,8 +141,10 @@ class Attention(nnx.Module):
                      (n_heads, head_dim, d_model), ("heads", "kv", "embed"))
 
   def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array,
-               ctx: Context, kv: jax.Array | None = None) -> jax.Array:
-    """Queries from x; keys and values from `kv` when given (else from x)."""
+               ctx: Context, kv: jax.Array | None = None,
+               probs_site: int | jax.Array | None = None) -> jax.Array:
+    """Queries from x; keys and values from `kv` when given (else from x). With a
+    `probs_site` and dropout on, the attention probabilities are dropped there."""
     if kv is None:
       qkv = tensor.column_parallel(x, self.qkv[...], "btd,dkhe->btkhe")
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -127,9 +154,16 @@ class Attention(nnx.Module):
       k, v = kv[:, :, 0], kv[:, :, 1]
     if self.rotary_positions:
       q, k = rotary(q, positions), rotary(k, positions)
-    o = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None],
-                                     scale=1.0 / math.sqrt(q.shape[-1]),
-                                     implementation=ctx.attention)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if probs_site is not None and ctx.train:
+      # written out: jax.nn.dot_product_attention has no dropout
+      s = jnp.einsum("bqhe,bkhe->bhqk", q, k, preferred_element_type=jnp.float32)
+      probs = jax.nn.softmax(jnp.where(mask[:, None], s * scale, -1e30), -1)
+      probs = sharded_dropout(probs.astype(v.dtype), ctx, probs_site, axis=1)
+      o = jnp.einsum("bhqk,bkhe->bqhe", probs, v)
+    else:
+      o = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
+                                       implementation=ctx.attention)
     out = tensor.row_parallel(o, self.out[...], "bqhe,hed->bqd", ctx.tensor_axis)
     return checkpoint_name(out, ATTENTION_OUT)
 
@@ -147,13 +181,17 @@ class MLP(nnx.Module):
     self.w_out = param(nnx.initializers.normal(init_std / math.sqrt(2.0)), rngs.params(),
                        (d_ff, d_model), ("mlp", "embed"))
 
-  def __call__(self, x: jax.Array, ctx: Context) -> jax.Array:
+  def __call__(self, x: jax.Array, ctx: Context,
+               hidden_site: int | jax.Array | None = None) -> jax.Array:
+    """With a `hidden_site` and dropout on, the hidden activations are dropped there."""
     if self.kind == "swiglu":
       h = tensor.column_parallel(x, self.w_in[...], "btd,dkf->btkf")
       h = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
     else:
       act = jax.nn.relu if self.kind == "relu" else jax.nn.gelu
       h = act(tensor.column_parallel(x, self.w_in[...], "btd,df->btf"))
+    if hidden_site is not None:
+      h = sharded_dropout(h, ctx, hidden_site, axis=2)
     return tensor.row_parallel(h, self.w_out[...], "btf,fd->btd", ctx.tensor_axis)
 
 
@@ -164,6 +202,11 @@ class Block(nnx.Module):
   `original`: SASRec's (Kang & McAuley 2018), kept by the HSTU paper's SASRec baseline
   (generative-recommenders `sasrec.py`): queries from q = n1(x) but keys and values
   from the un-normalised x, h = n2(q + attn), out = h + mlp(h).
+
+  Dropout (`Context.dropout_placement`), in either layout: `residual` drops the
+  attention and MLP outputs before they are added; `reference` drops where the reference
+  SASRec does (torch's MultiheadAttention and its feed-forward): the attention
+  probabilities, the MLP's hidden activations and the MLP output.
   """
 
   def __init__(self, d_model: int, n_heads: int, d_ff: int, mlp: str, norm: str,
@@ -179,7 +222,10 @@ class Block(nnx.Module):
                layer_id: jax.Array | int) -> jax.Array:
     site = 2 * (layer_id + 1)
     q_in, kv_in = self.attention_inputs(x)
-    attn = dropout(self.attn(q_in, mask, positions, ctx, kv=kv_in), ctx, site)
+    if ctx.dropout_placement == "reference":
+      attn = self.attn(q_in, mask, positions, ctx, kv=kv_in, probs_site=site + PROBS_SITE)
+    else:
+      attn = dropout(self.attn(q_in, mask, positions, ctx, kv=kv_in), ctx, site)
     return self.after_attention(x, q_in, attn, ctx, site + 1)
 
   # The layout rule, in two halves around attention, so that the KV-cached serving
@@ -192,9 +238,10 @@ class Block(nnx.Module):
   def after_attention(self, x: jax.Array, q_in: jax.Array, attn: jax.Array, ctx: Context,
                       site: jax.Array | int) -> jax.Array:
     """The block's output from its input, the queries' input and the attention output
-    (dropout applied); `site` is the MLP dropout's."""
+    (dropout applied); `site` is the MLP output dropout's."""
+    hidden_site = site + MLP_HIDDEN_SITE if ctx.dropout_placement == "reference" else None
     if self.layout == "original":
       h = self.norm2(q_in + attn)
-      return h + dropout(self.mlp(h, ctx), ctx, site)
+      return h + dropout(self.mlp(h, ctx, hidden_site), ctx, site)
     x = x + attn
-    return x + dropout(self.mlp(self.norm2(x), ctx), ctx, site)
+    return x + dropout(self.mlp(self.norm2(x), ctx, hidden_site), ctx, site)

@@ -54,6 +54,7 @@ class ModelConfig:
   attention: str = "xla"
   block: str = "sasrec"         # "sasrec" (softmax attention + MLP) or "hstu"
   sasrec_layout: str = "pre_norm"  # or "original" (layers.Block says how they differ)
+  dropout_placement: str = "residual"  # or "reference" (layers.Block says where)
   hstu_qk_dim: int = 0          # HSTU per-head query/key width (0: d_model / n_heads)
   hstu_v_dim: int = 0           # HSTU per-head u/v width (0: d_model / n_heads)
   time_bias: bool = True        # HSTU: bucketed time-gap bias (when the data has times)
@@ -170,7 +171,7 @@ class RecommenderFns:
                    dropout_rate=self.cfg.dropout if dropout_rate is None else dropout_rate,
                    row_keys=row_keys, dtype=self.cfg.compute_dtype, loss_key=loss_key,
                    batch_axes=batch_axes, attention=self.cfg.attention, table_axes=table_axes,
-                   row_gradients=row_gradients)
+                   row_gradients=row_gradients, dropout_placement=self.cfg.dropout_placement)
 
   # ------------------------------------------------------------------- pieces
   def item_table(self, params: Params) -> ItemEmbedding:
