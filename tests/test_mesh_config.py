@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +70,14 @@ def test_unknown_config_key_is_an_error(tmp_path):
        f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert "stpes" in result.stderr
+
+
+CONFIG_FILES = sorted(Path(__file__).parent.parent.glob("experiments/configs/[!_]*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.stem)
+def test_experiment_configs_are_valid(path):
+  """Configs build on each other (ml1m_hstu on ml1m_sampled's loss): a field one sets
+  for its own block must not leak into a config where it is an error."""
+  from experiments.runtime import load_config
+  validate(load_config(str(path)), MeshShape())

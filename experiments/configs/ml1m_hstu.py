@@ -10,7 +10,7 @@ checkpoint reported is the one with the best validation NDCG@10 (every 5 epochs)
 Embeddings start as the reference's do (`ml1m_sampled.reference_init`).
 """
 
-from experiments.configs import ml1m_sampled
+from experiments.configs import ml1m, ml1m_sampled
 
 
 def hstu_block(c, layers: int, heads: int, head_dim: int):
@@ -26,6 +26,7 @@ def hstu_block(c, layers: int, heads: int, head_dim: int):
 
 
 def get_config():
-  c = hstu_block(ml1m_sampled.get_config(), layers=2, heads=1, head_dim=50)
+  c = ml1m_sampled.reference_init(ml1m_sampled.hstu_loss(ml1m.get_config()))
+  c = hstu_block(c, layers=2, heads=1, head_dim=50)
   c.name = "ml1m_hstu"
   return c
