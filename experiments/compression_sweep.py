@@ -71,6 +71,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     "rows/sync": {"embedding.sharding": "rows"},
     "rows/local_sgd4": {"embedding.sharding": "rows", "dp.mode": "local_sgd",
                         "dp.sync_every": 4},
+    # plain model averaging (the outer step before sqrt(R) became local_sgd's default)
+    "rows/local_sgd4-mean": {"embedding.sharding": "rows", "dp.mode": "local_sgd",
+                             "dp.sync_every": 4, "dp.local_sgd_step": "mean"},
     "rows/diloco16": {"embedding.sharding": "rows", "dp.mode": "diloco", "dp.sync_every": 16,
                       "dp.outer_momentum": 0.9},
     # is it H or DiLoCo's outer step? local SGD at H=16, and a gentler outer momentum

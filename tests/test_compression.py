@@ -228,7 +228,10 @@ def test_local_sgd_every_step_with_sgd_equals_sync():
   common = {"train.optimizer": "sgd", "train.grad_clip": 0.0, "train.lr": 0.5}
   batches = [synthetic_batch(i) for i in range(3)]
   _, sync_state, sync_losses = run_steps(tiny_config(**common), "data:8", batches)
-  local = tiny_config(**common, **{"dp.mode": "local_sgd", "dp.sync_every": 1})
+  # plain averaging ("mean"): after one SGD step it is a sync step; the default
+  # sqrt(R) outer step is checked against optax below
+  local = tiny_config(**common, **{"dp.mode": "local_sgd", "dp.sync_every": 1,
+                                   "dp.local_sgd_step": "mean"})
   _, local_state, local_losses = run_steps(local, "data:8", batches)
   np.testing.assert_allclose(local_losses, sync_losses, rtol=1e-5)
   assert max_rel_diff(jax.device_get(local_state.params), jax.device_get(sync_state.params)) < 1e-5
@@ -259,8 +262,8 @@ def test_local_modes_match_a_hand_written_optax_reference(mode, rows):
   takes AdamW steps on its own rows (its loss sum over the global token count, times
   the replica count), keeps its inner Adam state across the average (as DiLoCo's
   Algorithm 1 does), and every H steps the anchor moves by the mean replica delta
-  (local SGD) or by an outer Nesterov-SGD step on it (DiLoCo); the replicas restart
-  from the anchor. The state's params — what evaluation and checkpoints read — are
+  times sqrt(R) (local SGD's default step) or by an outer Nesterov-SGD step on it
+  (DiLoCo); the replicas restart from the anchor. The state's params — what evaluation and checkpoints read — are
   the anchor.
 
   With the rows-sharded table (the hybrid) the table is not copied per replica: every
@@ -317,7 +320,7 @@ def test_local_modes_match_a_hand_written_optax_reference(mode, rows):
         updates, outer = outer_tx.update(mean_delta, outer, anchor)
         anchor = optax.apply_updates(anchor, updates)
       else:
-        anchor = jax.tree.map(lambda a, d: a - d, anchor, mean_delta)
+        anchor = jax.tree.map(lambda a, d: a - np.sqrt(replicas) * d, anchor, mean_delta)
       local = [anchor] * replicas
   assert max_rel_diff(jax.device_get(state.params), anchor) < 1e-5
   if rows:   # both groups' clips fired (the reference's numbers say which when)

@@ -58,6 +58,10 @@ def test_mesh_has_all_four_axes_in_order():
      "dropout_placement = 'inside'; valid values are residual, reference"),
     ({"model.block": "hstu", "model.dropout_placement": "reference"}, MeshShape(),
      "dropout_placement = 'reference' applies to model.block = 'sasrec' only"),
+    ({"dp.local_sgd_step": "sum"}, MeshShape(data=8),
+     "local_sgd_step = 'sum'; valid values are sqrt_replicas, mean"),
+    ({"dp.outer_lr": 0.0}, MeshShape(data=8), "outer_lr = 0.0 must be > 0"),
+    ({"dp.outer_momentum": 1.0}, MeshShape(data=8), r"outer_momentum = 1.0 must be in \[0, 1\)"),
 ])
 def test_config_validation_errors(overrides, mesh, needle):
   with pytest.raises(ConfigError, match=needle):
@@ -81,3 +85,14 @@ def test_experiment_configs_are_valid(path):
   for its own block must not leak into a config where it is an error."""
   from experiments.runtime import load_config
   validate(load_config(str(path)), MeshShape())
+
+
+def test_a_checkpoint_from_before_the_local_sgd_step_keeps_plain_averaging():
+  """Runs saved before `dp.local_sgd_step` averaged plainly: their config reads 'mean'
+  (the new default, sqrt_replicas, applies to new runs only)."""
+  from jaxrec.config import default_config, saved_config
+  old = default_config().to_dict()
+  old["dp"]["mode"] = "local_sgd"
+  del old["dp"]["local_sgd_step"]
+  assert saved_config(old).dp.local_sgd_step == "mean"
+  assert default_config().dp.local_sgd_step == "sqrt_replicas"

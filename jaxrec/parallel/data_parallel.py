@@ -12,7 +12,9 @@ Modes (`config.dp.mode`):
              dependency on this step's forward/backward and can overlap it.
              Step 0 only stores its gradient, so delayed == sync shifted by one.
   local_sgd  every replica updates its own copy for H steps (no data-axis traffic),
-             then the copies are averaged (the averaged deltas may be compressed).
+             then the anchor moves by the replicas' mean delta (the deltas may be
+             compressed) times sqrt(R) (`dp.local_sgd_step`; per-replica Adam steps
+             are up to sqrt(R) too small, see config.py), or times 1 ("mean").
   diloco     as local_sgd, but the averaged delta is the gradient of an outer
              Nesterov-momentum SGD step on the shared parameters (Douillard et al.).
 Per-replica copies live in arrays sharded over the data axes, so checkpoints hold
@@ -270,6 +272,8 @@ class DataParallel:
     self.outer_tx = optax.sgd(dp.outer_lr, momentum=dp.outer_momentum or None,
                               nesterov=dp.outer_momentum > 0)
     self.data_size = mesh.data_size
+    self.local_step = (math.sqrt(self.data_size) if dp.local_sgd_step == "sqrt_replicas"
+                       else 1.0)
     self.data_axes = sync.data_axes
     # Leaves split over the data axes have one owner, not a copy per replica.
     self.synced = synced_leaves(param_specs, self.data_axes)
@@ -371,7 +375,8 @@ class DataParallel:
   def _apply_local(self, grads, anchor, dp_state, comp_state, step, optimize, key, phase):
     # A replica's gradient of (its CE sum / global tokens) times the replica count is
     # an unbiased estimate of the global mean gradient: one local step is then a
-    # full-size step, and averaging replicas after one step equals a sync step.
+    # full-size step, and under SGD averaging replicas after one step equals a sync
+    # step (under Adam it does not: each replica normalises its own noisier gradient).
     # A synced leaf's gradient is already the global one (summed on its owner).
     grads = jax.tree.map(lambda g, on: g if on else g * self.data_size, grads, self.synced)
     local_params = self.working_params(anchor, dp_state)
@@ -392,7 +397,7 @@ class DataParallel:
         updates, outer_opt = self.outer_tx.update(mean_delta, outer_opt, anchor)
         anchor = optax.apply_updates(anchor, updates)
       else:
-        anchor = jax.tree.map(lambda a, d: a - d, anchor, mean_delta)
+        anchor = jax.tree.map(lambda a, d: a - self.local_step * d, anchor, mean_delta)
       synced = make_varying(anchor, self.data_axes)
       return anchor, outer_opt, comp_state, synced
 

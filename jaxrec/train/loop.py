@@ -154,7 +154,16 @@ def restore(ckpt: Checkpointer, step: int, program: TrainProgram):
   meta = ckpt.read_meta(step)
   check_compatible(meta.get("param_shapes", {}), param_shapes(program.fns.shapes),
                    ckpt.directory / str(step))
-  saved_model = saved_config(json.loads(meta["config"])).model if "config" in meta else None
+  saved = saved_config(json.loads(meta["config"])) if "config" in meta else None
+  saved_model = saved.model if saved is not None else None
+  dp = program.config.dp
+  if (saved is not None and dp.mode == "local_sgd" and
+      saved.dp.local_sgd_step != dp.local_sgd_step):
+    # a different outer step, not different params: resume, but say so
+    logging.warning("checkpoint %s was trained with dp.local_sgd_step = %r; this run "
+                    "continues with %r (--config.dp.local_sgd_step=%s keeps the old step)",
+                    ckpt.directory / str(step), saved.dp.local_sgd_step,
+                    dp.local_sgd_step, saved.dp.local_sgd_step)
   # params of the same shapes that mean something else: refuse rather than mislearn
   for field in ("position_origin", "block"):
     was, now = (saved_model or {}).get(field), getattr(program.fns.cfg, field)
