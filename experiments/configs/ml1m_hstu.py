@@ -26,7 +26,7 @@ def hstu_block(c, layers: int, heads: int, head_dim: int):
 
 
 def get_config():
-  c = ml1m_sampled.reference_init(ml1m_sampled.hstu_loss(ml1m.get_config()))
+  c = ml1m_sampled.reference_init(ml1m_sampled.hstu_loss(ml1m.recipe()))
   c = hstu_block(c, layers=2, heads=1, head_dim=50)
   c.name = "ml1m_hstu"
   return c
