@@ -117,6 +117,27 @@ def test_a_checkpoint_older_than_the_schema_still_resumes(tmp_path):
 
 
 @pytest.mark.slow
+def test_resuming_local_sgd_with_another_outer_step_says_so(tmp_path, monkeypatch):
+  """A local_sgd run resumed with a different dp.local_sgd_step continues (the params
+  mean the same), and the log names the checkpoint's step and the run's."""
+  from absl import logging as absl_logging
+  warnings = []
+  monkeypatch.setattr(absl_logging, "warning", lambda msg, *a: warnings.append(msg % a))
+
+  def config(steps, outer):
+    c = small(quickstart.get_config(), steps=steps, checkpoint_every=2)
+    c.dp.mode, c.dp.sync_every, c.dp.local_sgd_step = "local_sgd", 2, outer
+    return c
+
+  train_and_evaluate(config(2, "mean"), tmp_path)
+  assert not any("local_sgd_step" in w for w in warnings)
+  train_and_evaluate(config(4, "sqrt_replicas"), tmp_path)
+  assert max(losses(tmp_path)) == 4
+  said = [w for w in warnings if "local_sgd_step" in w]
+  assert len(said) == 1 and "'mean'" in said[0] and "'sqrt_replicas'" in said[0], warnings
+
+
+@pytest.mark.slow
 def test_train_command_line_runs(tmp_path):
   cmd = [sys.executable, "-m", "experiments.train", "--cpu_devices=8",
          "--config.mesh=data:4,tensor:2", "--config.train.steps=3",
