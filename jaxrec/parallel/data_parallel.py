@@ -274,6 +274,7 @@ class DataParallel:
     self.data_size = mesh.data_size
     self.local_step = (math.sqrt(self.data_size) if dp.local_sgd_step == "sqrt_replicas"
                        else 1.0)
+    self.local_warmup = int(dp.local_sgd_warmup)
     self.data_axes = sync.data_axes
     # Leaves split over the data axes have one owner, not a copy per replica.
     self.synced = synced_leaves(param_specs, self.data_axes)
@@ -349,6 +350,14 @@ class DataParallel:
                        self.opt_synced)
     return local, opt
 
+  def local_step_at(self, step: jax.Array) -> jax.Array:
+    """local_sgd's factor on the mean delta at the average after `step`: ramps from 1
+    to `local_step` over `local_warmup` steps."""
+    if self.local_warmup <= 0:
+      return jnp.float32(self.local_step)
+    ramp = jnp.minimum((step + 1).astype(jnp.float32) / self.local_warmup, 1.0)
+    return 1.0 + (self.local_step - 1.0) * ramp
+
   def apply(self, grads: Any, params: Any, opt_state: Any, dp_state: Any, comp_state: Any,
             step: jax.Array, optimize: Optimize, key: jax.Array | None, phase: int):
     """grads: this device's gradient of (its CE sum / global tokens), varying over data.
@@ -397,7 +406,8 @@ class DataParallel:
         updates, outer_opt = self.outer_tx.update(mean_delta, outer_opt, anchor)
         anchor = optax.apply_updates(anchor, updates)
       else:
-        anchor = jax.tree.map(lambda a, d: a - self.local_step * d, anchor, mean_delta)
+        scale = self.local_step_at(step)
+        anchor = jax.tree.map(lambda a, d: a - scale.astype(d.dtype) * d, anchor, mean_delta)
       synced = make_varying(anchor, self.data_axes)
       return anchor, outer_opt, comp_state, synced
 
