@@ -57,6 +57,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "sign/sync": {"compression.method": "sign"},
     "none/delayed": {"dp.mode": "delayed"},
     "none/local_sgd4": {"dp.mode": "local_sgd", "dp.sync_every": 4},
+    "none/local_sgd4-mean": {"dp.mode": "local_sgd", "dp.sync_every": 4,
+                             "dp.local_sgd_step": "mean"},
     # DiLoCo with the paper's outer step (lr 0.7, Nesterov momentum 0.9)
     "none/diloco16": {"dp.mode": "diloco", "dp.sync_every": 16, "dp.outer_momentum": 0.9},
     "int8/diloco32": {"dp.mode": "diloco", "dp.sync_every": 32, "compression.method": "int8",
