@@ -57,8 +57,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     "sign/sync": {"compression.method": "sign"},
     "none/delayed": {"dp.mode": "delayed"},
     "none/local_sgd4": {"dp.mode": "local_sgd", "dp.sync_every": 4},
-    "none/local_sgd4-mean": {"dp.mode": "local_sgd", "dp.sync_every": 4,
-                             "dp.local_sgd_step": "mean"},
+    # local_sgd's outer step x sqrt(R) (dp.local_sgd_step; the default is the mean)
+    "none/local_sgd4-sqrt": {"dp.mode": "local_sgd", "dp.sync_every": 4,
+                             "dp.local_sgd_step": "sqrt_replicas"},
     # DiLoCo with the paper's outer step (lr 0.7, Nesterov momentum 0.9)
     "none/diloco16": {"dp.mode": "diloco", "dp.sync_every": 16, "dp.outer_momentum": 0.9},
     "int8/diloco32": {"dp.mode": "diloco", "dp.sync_every": 32, "compression.method": "int8",
@@ -73,14 +74,15 @@ VARIANTS: dict[str, dict[str, object]] = {
     "rows/sync": {"embedding.sharding": "rows"},
     "rows/local_sgd4": {"embedding.sharding": "rows", "dp.mode": "local_sgd",
                         "dp.sync_every": 4},
-    # plain model averaging (the outer step before sqrt(R) became local_sgd's default)
-    "rows/local_sgd4-mean": {"embedding.sharding": "rows", "dp.mode": "local_sgd",
-                             "dp.sync_every": 4, "dp.local_sgd_step": "mean"},
+    "rows/local_sgd4-sqrt": {"embedding.sharding": "rows", "dp.mode": "local_sgd",
+                             "dp.sync_every": 4, "dp.local_sgd_step": "sqrt_replicas"},
     "rows/diloco16": {"embedding.sharding": "rows", "dp.mode": "diloco", "dp.sync_every": 16,
                       "dp.outer_momentum": 0.9},
     # is it H or DiLoCo's outer step? local SGD at H=16, and a gentler outer momentum
     "rows/local_sgd16": {"embedding.sharding": "rows", "dp.mode": "local_sgd",
                          "dp.sync_every": 16},
+    "rows/local_sgd16-sqrt": {"embedding.sharding": "rows", "dp.mode": "local_sgd",
+                              "dp.sync_every": 16, "dp.local_sgd_step": "sqrt_replicas"},
     "rows/diloco16-m0.5": {"embedding.sharding": "rows", "dp.mode": "diloco",
                            "dp.sync_every": 16, "dp.outer_momentum": 0.5},
     "rows-int8/diloco16-m0.5-int8": {"embedding.sharding": "rows",
@@ -163,7 +165,7 @@ def main(argv):
     summary = train_and_evaluate(config, out / "runs" / name.replace("/", "_"))
     rows.append({
         "variant": name, "method": config.compression.method, "mode": config.dp.mode,
-        "sync_every": config.dp.sync_every,
+        "sync_every": config.dp.sync_every, "local_sgd_step": config.dp.local_sgd_step,
         "hierarchical": bool(config.compression.hierarchical), **measured,
         "valid_ndcg@10": summary["valid"]["ndcg@10"], "valid_hr@10": summary["valid"]["hr@10"],
         "test_ndcg@10": summary["test"]["ndcg@10"], "test_hr@10": summary["test"]["hr@10"],

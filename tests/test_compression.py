@@ -228,8 +228,8 @@ def test_local_sgd_every_step_with_sgd_equals_sync():
   common = {"train.optimizer": "sgd", "train.grad_clip": 0.0, "train.lr": 0.5}
   batches = [synthetic_batch(i) for i in range(3)]
   _, sync_state, sync_losses = run_steps(tiny_config(**common), "data:8", batches)
-  # plain averaging ("mean"): after one SGD step it is a sync step; the default
-  # sqrt(R) outer step is checked against optax below
+  # plain averaging ("mean"): after one SGD step it is a sync step (the sqrt(R) outer
+  # step is checked against optax below)
   local = tiny_config(**common, **{"dp.mode": "local_sgd", "dp.sync_every": 1,
                                    "dp.local_sgd_step": "mean"})
   _, local_state, local_losses = run_steps(local, "data:8", batches)
@@ -251,19 +251,20 @@ def _clip_table_and_rest_apart(grads, clip: float, clipped: set):
       lambda p, x: x * min(1.0, clip / (norms[_is_table(p)] + 1e-6)), grads)
 
 
-@pytest.mark.parametrize("mode, rows, warmup", [
-    pytest.param("local_sgd", False, 3, marks=pytest.mark.slow),
-    pytest.param("diloco", False, 0, marks=pytest.mark.slow),
-    pytest.param("local_sgd", True, 0, marks=pytest.mark.slow),
-    ("diloco", True, 0),
+@pytest.mark.parametrize("mode, rows, outer, warmup", [
+    pytest.param("local_sgd", False, "mean", 0, marks=pytest.mark.slow),
+    pytest.param("local_sgd", False, "sqrt_replicas", 3, marks=pytest.mark.slow),
+    pytest.param("diloco", False, "mean", 0, marks=pytest.mark.slow),
+    pytest.param("local_sgd", True, "sqrt_replicas", 0, marks=pytest.mark.slow),
+    ("diloco", True, "mean", 0),
 ])
-def test_local_modes_match_a_hand_written_optax_reference(mode, rows, warmup):
+def test_local_modes_match_a_hand_written_optax_reference(mode, rows, outer, warmup):
   """Two outer rounds of H=2 on data:4 against plain optax per replica: each replica
   takes AdamW steps on its own rows (its loss sum over the global token count, times
   the replica count), keeps its inner Adam state across the average (as DiLoCo's
   Algorithm 1 does), and every H steps the anchor moves by the mean replica delta
-  times sqrt(R) (local SGD's default step; with a warm-up the factor ramps from 1 to
-  sqrt(R), here 5/3 at the first average and 2 at the second) or by an outer
+  (local SGD; with `sqrt_replicas` times sqrt(R), and with a warm-up the factor ramps
+  from 1 to sqrt(R): here 5/3 at the first average, 2 at the second) or by an outer
   Nesterov-SGD step on it (DiLoCo); the replicas restart from the anchor. The state's params — what evaluation and checkpoints read — are
   the anchor.
 
@@ -273,7 +274,7 @@ def test_local_modes_match_a_hand_written_optax_reference(mode, rows, warmup):
   replicas, every = 4, 2
   config = tiny_config(**{"dp.mode": mode, "dp.sync_every": every, "model.dropout": 0.0,
                           "dp.outer_lr": 0.7, "dp.outer_momentum": 0.9,
-                          "dp.local_sgd_warmup": warmup,
+                          "dp.local_sgd_step": outer, "dp.local_sgd_warmup": warmup,
                           "embedding.sharding": "rows" if rows else "tensor",
                           # with rows, a clip the table's norm (~0.6) and some replicas'
                           # local norms (0.4-0.57) exceed: each group by its own
@@ -323,7 +324,8 @@ def test_local_modes_match_a_hand_written_optax_reference(mode, rows, warmup):
         anchor = optax.apply_updates(anchor, updates)
       else:
         ramp = min((t + 1) / warmup, 1.0) if warmup else 1.0
-        step = 1.0 + (np.sqrt(replicas) - 1.0) * ramp
+        top = np.sqrt(replicas) if outer == "sqrt_replicas" else 1.0
+        step = 1.0 + (top - 1.0) * ramp
         anchor = jax.tree.map(lambda a, d, s=step: a - s * d, anchor, mean_delta)
       local = [anchor] * replicas
   assert max_rel_diff(jax.device_get(state.params), anchor) < 1e-5

@@ -87,13 +87,3 @@ def test_experiment_configs_are_valid(path):
   from experiments.runtime import load_config
   validate(load_config(str(path)), MeshShape())
 
-
-def test_a_checkpoint_from_before_the_local_sgd_step_keeps_plain_averaging():
-  """Runs saved before `dp.local_sgd_step` averaged plainly: their config reads 'mean'
-  (the new default, sqrt_replicas, applies to new runs only)."""
-  from jaxrec.config import default_config, saved_config
-  old = default_config().to_dict()
-  old["dp"]["mode"] = "local_sgd"
-  del old["dp"]["local_sgd_step"]
-  assert saved_config(old).dp.local_sgd_step == "mean"
-  assert default_config().dp.local_sgd_step == "sqrt_replicas"

@@ -13,8 +13,8 @@ Modes (`config.dp.mode`):
              Step 0 only stores its gradient, so delayed == sync shifted by one.
   local_sgd  every replica updates its own copy for H steps (no data-axis traffic),
              then the anchor moves by the replicas' mean delta (the deltas may be
-             compressed) times sqrt(R) (`dp.local_sgd_step`; per-replica Adam steps
-             are up to sqrt(R) too small, see config.py), or times 1 ("mean").
+             compressed), or by that times sqrt(R) (`dp.local_sgd_step`: per-replica
+             Adam steps are up to sqrt(R) too short; config.py says when it helps).
   diloco     as local_sgd, but the averaged delta is the gradient of an outer
              Nesterov-momentum SGD step on the shared parameters (Douillard et al.).
 Per-replica copies live in arrays sharded over the data axes, so checkpoints hold
