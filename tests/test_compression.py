@@ -251,14 +251,14 @@ def _clip_table_and_rest_apart(grads, clip: float, clipped: set):
       lambda p, x: x * min(1.0, clip / (norms[_is_table(p)] + 1e-6)), grads)
 
 
-@pytest.mark.parametrize("mode, rows, outer, warmup", [
+@pytest.mark.parametrize("mode, rows, outer_step, warmup", [
     pytest.param("local_sgd", False, "mean", 0, marks=pytest.mark.slow),
     pytest.param("local_sgd", False, "sqrt_replicas", 3, marks=pytest.mark.slow),
     pytest.param("diloco", False, "mean", 0, marks=pytest.mark.slow),
     pytest.param("local_sgd", True, "sqrt_replicas", 0, marks=pytest.mark.slow),
     ("diloco", True, "mean", 0),
 ])
-def test_local_modes_match_a_hand_written_optax_reference(mode, rows, outer, warmup):
+def test_local_modes_match_a_hand_written_optax_reference(mode, rows, outer_step, warmup):
   """Two outer rounds of H=2 on data:4 against plain optax per replica: each replica
   takes AdamW steps on its own rows (its loss sum over the global token count, times
   the replica count), keeps its inner Adam state across the average (as DiLoCo's
@@ -274,7 +274,7 @@ def test_local_modes_match_a_hand_written_optax_reference(mode, rows, outer, war
   replicas, every = 4, 2
   config = tiny_config(**{"dp.mode": mode, "dp.sync_every": every, "model.dropout": 0.0,
                           "dp.outer_lr": 0.7, "dp.outer_momentum": 0.9,
-                          "dp.local_sgd_step": outer, "dp.local_sgd_warmup": warmup,
+                          "dp.local_sgd_step": outer_step, "dp.local_sgd_warmup": warmup,
                           "embedding.sharding": "rows" if rows else "tensor",
                           # with rows, a clip the table's norm (~0.6) and some replicas'
                           # local norms (0.4-0.57) exceed: each group by its own
@@ -324,7 +324,7 @@ def test_local_modes_match_a_hand_written_optax_reference(mode, rows, outer, war
         anchor = optax.apply_updates(anchor, updates)
       else:
         ramp = min((t + 1) / warmup, 1.0) if warmup else 1.0
-        top = np.sqrt(replicas) if outer == "sqrt_replicas" else 1.0
+        top = np.sqrt(replicas) if outer_step == "sqrt_replicas" else 1.0
         step = 1.0 + (top - 1.0) * ramp
         anchor = jax.tree.map(lambda a, d, s=step: a - s * d, anchor, mean_delta)
       local = [anchor] * replicas
