@@ -89,6 +89,39 @@ def saved_config(saved: dict) -> ml_collections.ConfigDict:
   return c
 
 
+# Fields a resumed run may change without changing what it learns: its length, how often
+# it logs, evaluates and saves, the mesh and pipeline layout (a resume converts the state
+# exactly), the input's read-ahead, and the remat / attention implementations.
+RESUMABLE_CHANGES = ("name", "mesh", "train.steps", "train.log_every", "train.eval_every",
+                     "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.preemption_check_every", "train.max_nonfinite_steps",
+                     "train.inject_nonfinite_steps", "eval", "pipeline", "data.prefetch",
+                     "model.remat", "model.attention")
+
+
+def recipe_changes(saved: ml_collections.ConfigDict,
+                   now: ml_collections.ConfigDict) -> list[str]:
+  """`field: saved -> now` for each field outside RESUMABLE_CHANGES that differs: a
+  resumed run that trains with another recipe than its checkpoint (a reused --workdir,
+  a changed flag) should say so rather than splice two experiments silently."""
+
+  def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+      if isinstance(value, dict):
+        out.update(flat(value, f"{prefix}{key}."))
+      else:
+        out[prefix + key] = value
+    return out
+
+  def free(field: str) -> bool:
+    return any(field == f or field.startswith(f + ".") for f in RESUMABLE_CHANGES)
+
+  was, is_ = flat(saved.to_dict()), flat(now.to_dict())
+  return [f"{k}: {was.get(k)!r} -> {is_.get(k)!r}" for k in sorted(set(was) | set(is_))
+          if not free(k) and was.get(k) != is_.get(k)]
+
+
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "default"

@@ -117,24 +117,30 @@ def test_a_checkpoint_older_than_the_schema_still_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_resuming_local_sgd_with_another_outer_step_says_so(tmp_path, monkeypatch):
-  """A local_sgd run resumed with a different dp.local_sgd_step continues (the params
-  mean the same), and the log names the checkpoint's step and the run's."""
+def test_resuming_with_another_recipe_says_so(tmp_path, monkeypatch):
+  """A run resumed with a different training recipe (here local_sgd's outer step and
+  the learning rate) continues (the params mean the same), and one warning names each
+  changed field with the checkpoint's value and the run's; a longer run alone (what
+  resuming is for) says nothing."""
   from absl import logging as absl_logging
   warnings = []
   monkeypatch.setattr(absl_logging, "warning", lambda msg, *a: warnings.append(msg % a))
 
-  def config(steps, outer):
+  def config(steps, outer, lr=1e-3):
     c = small(quickstart.get_config(), steps=steps, checkpoint_every=2)
     c.dp.mode, c.dp.sync_every, c.dp.local_sgd_step = "local_sgd", 2, outer
+    c.train.lr = lr
     return c
 
   train_and_evaluate(config(2, "mean"), tmp_path)
-  assert not any("local_sgd_step" in w for w in warnings)
-  train_and_evaluate(config(4, "sqrt_replicas"), tmp_path)
-  assert max(losses(tmp_path)) == 4
-  said = [w for w in warnings if "local_sgd_step" in w]
-  assert len(said) == 1 and "'mean'" in said[0] and "'sqrt_replicas'" in said[0], warnings
+  train_and_evaluate(config(4, "mean"), tmp_path)
+  assert not any("another recipe" in w for w in warnings), warnings
+  train_and_evaluate(config(6, "sqrt_replicas", lr=2e-3), tmp_path)
+  assert max(losses(tmp_path)) == 6
+  said = [w for w in warnings if "another recipe" in w]
+  assert len(said) == 1, warnings
+  assert "dp.local_sgd_step: 'mean' -> 'sqrt_replicas'" in said[0], said
+  assert "train.lr: 0.001 -> 0.002" in said[0] and "train.steps" not in said[0], said
 
 
 @pytest.mark.slow

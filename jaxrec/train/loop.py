@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from jaxrec.config import saved_config, validate, with_overrides
+from jaxrec.config import recipe_changes, saved_config, validate, with_overrides
 from jaxrec.data import Dataset, load_dataset
 from jaxrec.data.batches import TrainStream, process_rows, to_global
 from jaxrec.data.pipeline import train_batches
@@ -156,14 +156,6 @@ def restore(ckpt: Checkpointer, step: int, program: TrainProgram):
                    ckpt.directory / str(step))
   saved = saved_config(json.loads(meta["config"])) if "config" in meta else None
   saved_model = saved.model if saved is not None else None
-  dp = program.config.dp
-  if (saved is not None and dp.mode == "local_sgd" and
-      saved.dp.local_sgd_step != dp.local_sgd_step):
-    # a different outer step, not different params: resume, but say so
-    logging.warning("checkpoint %s was trained with dp.local_sgd_step = %r; this run "
-                    "continues with %r (--config.dp.local_sgd_step=%s keeps the old step)",
-                    ckpt.directory / str(step), saved.dp.local_sgd_step,
-                    dp.local_sgd_step, saved.dp.local_sgd_step)
   # params of the same shapes that mean something else: refuse rather than mislearn
   for field in ("position_origin", "block"):
     was, now = (saved_model or {}).get(field), getattr(program.fns.cfg, field)
@@ -172,6 +164,12 @@ def restore(ckpt: Checkpointer, step: int, program: TrainProgram):
           f"checkpoint {ckpt.directory / str(step)} was trained with model.{field} = "
           f"{was!r}; this run has {now!r}. Resume with --config.model.{field}={was} or "
           "use a fresh --workdir")
+  changes = recipe_changes(saved, program.config) if saved is not None else []
+  if changes:   # the same params trained on differently from here: resume, but say so
+    logging.warning("checkpoint %s was trained with another recipe; this run continues "
+                    "with its own (%s). Pass the checkpoint's values to keep its recipe, "
+                    "or use a fresh --workdir to start over", ckpt.directory / str(step),
+                    "; ".join(changes))
   old = remesh.saved_program(program, meta)
   if remesh.same_layout(program, old):
     return ckpt.restore(step, program.abstract_state())
