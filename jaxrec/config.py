@@ -375,6 +375,11 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
   if c.dp.local_sgd_warmup < 0:
     raise ConfigError(f"config.dp.local_sgd_warmup = {c.dp.local_sgd_warmup} must be >= 0 "
                       "(steps; 0 = no ramp)")
+  if c.dp.local_sgd_warmup > 0 and c.dp.local_sgd_step != "sqrt_replicas":
+    raise ConfigError(
+        f"config.dp.local_sgd_warmup = {c.dp.local_sgd_warmup} ramps local_sgd's sqrt(R) "
+        f"factor, but dp.local_sgd_step = {c.dp.local_sgd_step!r} has none to ramp: set "
+        "dp.local_sgd_step=sqrt_replicas, or dp.local_sgd_warmup=0")
   if not c.dp.outer_lr > 0:
     raise ConfigError(f"config.dp.outer_lr = {c.dp.outer_lr} must be > 0 (DiLoCo's outer "
                       "SGD learning rate; the paper's is 0.7)")

@@ -62,6 +62,8 @@ def test_mesh_has_all_four_axes_in_order():
      "local_sgd_step = 'sum'; valid values are sqrt_replicas, mean"),
     ({"dp.outer_lr": 0.0}, MeshShape(data=8), "outer_lr = 0.0 must be > 0"),
     ({"dp.local_sgd_warmup": -1}, MeshShape(data=8), "local_sgd_warmup = -1 must be >= 0"),
+    ({"dp.local_sgd_warmup": 100}, MeshShape(data=8),
+     "local_sgd_warmup = 100 ramps .*local_sgd_step = 'mean' has none to ramp"),
     ({"dp.outer_momentum": 1.0}, MeshShape(data=8), r"outer_momentum = 1.0 must be in \[0, 1\)"),
 ])
 def test_config_validation_errors(overrides, mesh, needle):
