@@ -112,14 +112,16 @@ def main(argv):
     with runtime.user_errors():
       summary = run_row(name, path, workdir, holdout)
     selected = summary.get("selected") or {}
+    total_wall = summary.get("total_wall_s")   # absent / None: written before it existed
     results.append({
         "row": name, "config": path, "workdir": str(workdir),
         "test": {k: summary["test"][k] for k in ("hr@10", "ndcg@10", "mrr")},
         "published": published, "published_source": SOURCE if published else None,
         "selected_step": selected.get("step"), "steps": summary["steps"],
-        # the loop times its own process: a resumed run's wall covers the last segment
-        "wall_time_s": summary["wall_time_s"],
-        "wall_from_step": summary.get("resumed_from_step") or 0, "device": summary["device"],
+        # every segment's wall; an older summary has only its last segment's
+        "wall_time_s": summary["wall_time_s"] if total_wall is None else total_wall,
+        "wall_from_step": (summary.get("resumed_from_step") or 0) if total_wall is None else 0,
+        "device": summary["device"],
         "mesh": summary["mesh"], "protocol": summary["protocol"],
         "this_call_s": time.perf_counter() - start,
         "holdout": holdout, "curve_split": split,

@@ -1,6 +1,7 @@
 """End to end: the quickstart path, metrics files, exact resume, checkpoint mismatch."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -82,6 +83,33 @@ def test_resume_continues_with_exactly_the_uninterrupted_losses(tmp_path, strate
   assert max(losses(cut_dir)) == 4
   train_and_evaluate(config(), cut_dir)
   assert losses(cut_dir) == losses(full_dir)
+
+
+def test_a_resumed_run_reports_the_wall_time_of_every_segment(tmp_path):
+  """The summary's total_wall_s adds the wall time saved with the checkpoint a run
+  resumed from to this process's own; a checkpoint written before that was recorded
+  gives None rather than a wall that silently covers only the last segment."""
+  def config():
+    return small(quickstart.get_config(), steps=6, checkpoint_every=0)
+
+  cut = tmp_path / "cut"
+  assert train_and_evaluate(config(), cut, stop_after=4) is None
+  meta_file = cut / "checkpoints" / "4" / "meta" / "metadata"   # orbax's JsonSave file
+  saved_wall = json.loads(meta_file.read_text())["wall_s"]
+  assert saved_wall > 0
+  old = tmp_path / "old"
+  shutil.copytree(cut, old)
+  old_meta = old / "checkpoints" / "4" / "meta" / "metadata"
+  meta = json.loads(old_meta.read_text())
+  del meta["wall_s"]
+  old_meta.write_text(json.dumps(meta))
+
+  summary = train_and_evaluate(config(), cut)
+  assert summary["resumed_from_step"] == 4
+  assert summary["total_wall_s"] == pytest.approx(saved_wall + summary["wall_time_s"], abs=0.1)
+  assert train_and_evaluate(config(), old)["total_wall_s"] is None
+  fresh = train_and_evaluate(config(), tmp_path / "fresh")
+  assert fresh["total_wall_s"] == pytest.approx(fresh["wall_time_s"], abs=0.1)
 
 
 def test_checkpoint_from_another_model_is_refused(tmp_path):

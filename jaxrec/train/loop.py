@@ -141,12 +141,19 @@ def build(config: ml_collections.ConfigDict, dataset: Dataset | None = None):
   return mesh, dataset, fns, TrainProgram(config, fns, mesh)
 
 
-def checkpoint_meta(program: TrainProgram, step: int) -> dict[str, Any]:
-  return {"data_position": step, "config": program.config.to_json(),
+def checkpoint_meta(program: TrainProgram, step: int,
+                    wall_s: float | None = None) -> dict[str, Any]:
+  """What a checkpoint records beside the arrays. `wall_s`: the run's wall time up to
+  this save, summed over every resumed segment (so a run spread over several
+  processes still reports what it cost)."""
+  meta = {"data_position": step, "config": program.config.to_json(),
           "num_items": program.fns.cfg.num_items,
           "mesh": str(program.shape), "param_shapes": param_shapes(program.fns.shapes),
           "layers_per_stage": list(program.layout.stages.layers_per_stage),
           "head": "spread" if program.layout.head_spread else "last"}
+  if wall_s is not None:
+    meta["wall_s"] = wall_s
+  return meta
 
 
 def restore(ckpt: Checkpointer, step: int, program: TrainProgram):
@@ -262,6 +269,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   else:
     logging.info("resumed from %s at step %d", ckpt.directory, int(jax.device_get(state.step)))
   start_step = int(jax.device_get(state.step))
+  # wall time the restored state already cost (None: written before it was recorded)
+  wall_before = ckpt.read_meta(start_step).get("wall_s") if start_step else 0.0
 
   stream = TrainStream(dataset.train, config.train.batch_size, config.data.shuffle_seed,
                        config.data.packing, with_times=fns.uses_time)
@@ -323,7 +332,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     if streak["bad"]:
       logging.warning("not checkpointing step %d during a run of non-finite steps", step)
       return
-    ckpt.save(step, state, checkpoint_meta(program, step), batches.get_state())
+    wall = None if wall_before is None else wall_before + time.perf_counter() - wall_start
+    ckpt.save(step, state, checkpoint_meta(program, step, wall), batches.get_state())
 
   with PreemptionGuard(config.train.preemption_check_every) as guard:
     for step in range(start_step, total):
@@ -391,7 +401,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
       "test": test, "valid": valid, "selected": selected, "final": final,
       "baseline_most_popular_test": baseline,
       "protocol": protocol(config.eval.exclude_history, config.data.holdout),
-      "wall_time_s": time.perf_counter() - wall_start,
+      "wall_time_s": time.perf_counter() - wall_start,   # this process
+      # every segment's, up to the checkpoint each resumed from (None: an older one)
+      "total_wall_s": (None if wall_before is None
+                       else wall_before + time.perf_counter() - wall_start),
       "steps": total, "resumed_from_step": start_step if start_step else None,
       "skipped_steps": streak["skipped"],
       "mesh": str(mesh_shape(mesh)), "device": f"{mesh.size}x {jax.devices()[0].device_kind}",
