@@ -272,6 +272,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   # wall time the restored state already cost (None: written before it was recorded)
   wall_before = ckpt.read_meta(start_step).get("wall_s") if start_step else 0.0
 
+  def total_wall() -> float | None:
+    """The run's wall time so far, every segment's (None: resumed from an older record)."""
+    return None if wall_before is None else wall_before + time.perf_counter() - wall_start
+
   stream = TrainStream(dataset.train, config.train.batch_size, config.data.shuffle_seed,
                        config.data.packing, with_times=fns.uses_time)
   rows = process_rows(mesh, config.train.batch_size)
@@ -332,8 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     if streak["bad"]:
       logging.warning("not checkpointing step %d during a run of non-finite steps", step)
       return
-    wall = None if wall_before is None else wall_before + time.perf_counter() - wall_start
-    ckpt.save(step, state, checkpoint_meta(program, step, wall), batches.get_state())
+    ckpt.save(step, state, checkpoint_meta(program, step, total_wall()), batches.get_state())
 
   with PreemptionGuard(config.train.preemption_check_every) as guard:
     for step in range(start_step, total):
@@ -402,9 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
       "baseline_most_popular_test": baseline,
       "protocol": protocol(config.eval.exclude_history, config.data.holdout),
       "wall_time_s": time.perf_counter() - wall_start,   # this process
-      # every segment's, up to the checkpoint each resumed from (None: an older one)
-      "total_wall_s": (None if wall_before is None
-                       else wall_before + time.perf_counter() - wall_start),
+      "total_wall_s": total_wall(),   # every segment's, up to each resumed checkpoint
       "steps": total, "resumed_from_step": start_step if start_step else None,
       "skipped_steps": streak["skipped"],
       "mesh": str(mesh_shape(mesh)), "device": f"{mesh.size}x {jax.devices()[0].device_kind}",
