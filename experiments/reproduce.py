@@ -35,6 +35,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 from absl import app, flags, logging
 
 from experiments import runtime
@@ -65,13 +66,22 @@ _DATASET = flags.DEFINE_enum("dataset", "ml1m", sorted(ROWS), "Which table.")
 _ROWS = flags.DEFINE_list("rows", [], "Rows to run (default: all of the dataset's).")
 _ROOT = flags.DEFINE_string("root", "runs/reproduce", "Workdirs: ROOT/DATASET/ROW.")
 _OUT = flags.DEFINE_string("out", "out/reproduce", "Output folder.")
+_SEEDS = flags.DEFINE_list(
+    "seeds", ["0"], "Seed offsets: each row runs once per seed s (config.seed and "
+    "data.shuffle_seed + s; workdir ROW for s = 0, ROW-seedS otherwise); several seeds "
+    "add each row's mean and sample std.")
 _HOLDOUT = flags.DEFINE_enum(
     "holdout", "valid_test", ["valid_test", "test"],
     "valid_test: our protocol (validation item held out, checkpoint selected on it); "
     "test: the published runs' split (trained through the validation item, last step).")
 
 
-def run_row(name: str, path: str, workdir: Path, holdout: str) -> dict:
+def seed_workdir(root: Path, name: str, seed: int) -> Path:
+  """Seed 0 keeps the row's own workdir, so runs made before seeds existed are read back."""
+  return root / (name if seed == 0 else f"{name}-seed{seed}")
+
+
+def run_row(name: str, path: str, workdir: Path, holdout: str, seed: int = 0) -> dict:
   """The row's summary: read back if the run finished, else trained (or resumed)."""
   done = workdir / "summary.json"
   if done.exists():
@@ -79,6 +89,8 @@ def run_row(name: str, path: str, workdir: Path, holdout: str) -> dict:
     return json.loads(done.read_text())
   from jaxrec.train.loop import train_and_evaluate
   config = runtime.run_config(runtime.load_config(path))
+  config.seed += seed               # initialisation, dropout and sampled negatives
+  config.data.shuffle_seed += seed  # batch order
   if holdout != config.data.holdout:
     config.data.holdout = holdout
     config.train.select_on = ""     # there is no validation split to select on
@@ -102,6 +114,33 @@ def curve(workdir: Path, split: str) -> list[tuple[int, float]]:
   return points
 
 
+def parse_seeds(values: list[str]) -> list[int]:
+  """--seeds as distinct non-negative ints, in the order given."""
+  try:
+    seeds = [int(v) for v in values]
+  except ValueError:
+    raise SystemExit(f"--seeds={','.join(values)}: give non-negative integers, e.g. 0,1,2")
+  if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+    raise SystemExit(f"--seeds={','.join(values)}: give distinct non-negative integers, "
+                     "e.g. 0,1,2")
+  return seeds
+
+
+def seed_summaries(results: list[dict]) -> list[dict]:
+  """Per row: mean and sample standard deviation (n - 1) of test HR@10 / NDCG@10 over
+  its seeds, so a gap to the published figure can be read against the seed spread."""
+  out = []
+  for row in dict.fromkeys(r["row"] for r in results):
+    runs = [r for r in results if r["row"] == row]
+    entry = {"row": row, "seeds": [r["seed"] for r in runs], "published": runs[0]["published"]}
+    for metric in ("hr@10", "ndcg@10"):
+      values = np.array([r["test"][metric] for r in runs])
+      entry[f"{metric}_mean"] = float(values.mean())
+      entry[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    out.append(entry)
+  return out
+
+
 def main(argv):
   del argv
   runtime.setup()
@@ -113,49 +152,63 @@ def main(argv):
   holdout = _HOLDOUT.value
   root = Path(_ROOT.value) / (dataset if holdout == "valid_test" else f"{dataset}-{holdout}")
   split = "valid" if holdout == "valid_test" else "test"
+  seeds = parse_seeds(_SEEDS.value)
   results = []
   for name, path, published in rows:
-    workdir = root / name
-    start = time.perf_counter()
-    with runtime.user_errors():
-      summary = run_row(name, path, workdir, holdout)
-    selected = summary.get("selected") or {}
-    total_wall = summary.get("total_wall_s")   # absent / None: written before it existed
-    results.append({
-        "row": name, "config": path, "workdir": str(workdir),
-        "test": {k: summary["test"][k] for k in ("hr@10", "ndcg@10", "mrr")},
-        "published": published, "published_source": SOURCE if published else None,
-        "selected_step": selected.get("step"), "steps": summary["steps"],
-        # every segment's wall; an older summary has only its last segment's
-        "wall_time_s": summary["wall_time_s"] if total_wall is None else total_wall,
-        "wall_from_step": (summary.get("resumed_from_step") or 0) if total_wall is None else 0,
-        "device": summary["device"],
-        "mesh": summary["mesh"], "protocol": summary["protocol"],
-        "this_call_s": time.perf_counter() - start,
-        "holdout": holdout, "curve_split": split,
-        "ndcg10_by_step": curve(workdir, split)})
+    for seed in seeds:
+      workdir = seed_workdir(root, name, seed)
+      start = time.perf_counter()
+      with runtime.user_errors():
+        summary = run_row(name, path, workdir, holdout, seed)
+      selected = summary.get("selected") or {}
+      total_wall = summary.get("total_wall_s")   # absent / None: written before it existed
+      results.append({
+          "row": name, "seed": seed, "config": path, "workdir": str(workdir),
+          "test": {k: summary["test"][k] for k in ("hr@10", "ndcg@10", "mrr")},
+          "published": published, "published_source": SOURCE if published else None,
+          "selected_step": selected.get("step"), "steps": summary["steps"],
+          # every segment's wall; an older summary has only its last segment's
+          "wall_time_s": summary["wall_time_s"] if total_wall is None else total_wall,
+          "wall_from_step": ((summary.get("resumed_from_step") or 0) if total_wall is None
+                             else 0),
+          "device": summary["device"],
+          "mesh": summary["mesh"], "protocol": summary["protocol"],
+          "this_call_s": time.perf_counter() - start,
+          "holdout": holdout, "curve_split": split,
+          "ndcg10_by_step": curve(workdir, split)})
   chosen = ("checkpoint selected on validation NDCG@10" if holdout == "valid_test" else
             "trained through the validation item, last step (the published runs' split)")
   print(f"\n{dataset}: test split, full ranking, history removed, {chosen}")
-  print(f"{'row':<16}{'HR@10':>8}{'NDCG@10':>9}{'pub HR':>8}{'pub NDCG':>9}{'NDCG/pub':>9}"
-        f"{'sel step':>10}{'wall':>9}  device")
+  print(f"{'row':<16}{'seed':>5}{'HR@10':>8}{'NDCG@10':>9}{'pub HR':>8}{'pub NDCG':>9}"
+        f"{'NDCG/pub':>9}{'sel step':>10}{'wall':>9}  device")
   for r in results:
     pub = r["published"] or {}
     ratio = (f"{r['test']['ndcg@10'] / pub['ndcg@10']:.3f}" if pub else "-")
-    print(f"{r['row']:<16}{r['test']['hr@10']:>8.4f}{r['test']['ndcg@10']:>9.4f}"
+    print(f"{r['row']:<16}{r['seed']:>5}{r['test']['hr@10']:>8.4f}"
+          f"{r['test']['ndcg@10']:>9.4f}{pub.get('hr@10', float('nan')):>8.4f}"
+          f"{pub.get('ndcg@10', float('nan')):>9.4f}{ratio:>9}{str(r['selected_step']):>10}"
+          f"{r['wall_time_s'] / 60:>8.1f}m{'*' if r['wall_from_step'] else ' '} "
+          f"{r['device']} ({r['mesh']})")
+  summaries = seed_summaries(results) if len(seeds) > 1 else []
+  for s in summaries:
+    pub = s["published"] or {}
+    ratio = f"{s['ndcg@10_mean'] / pub['ndcg@10']:.3f}" if pub else "-"
+    print(f"{s['row']:<16}{'mean':>5}{s['hr@10_mean']:>8.4f}{s['ndcg@10_mean']:>9.4f}"
           f"{pub.get('hr@10', float('nan')):>8.4f}{pub.get('ndcg@10', float('nan')):>9.4f}"
-          f"{ratio:>9}{str(r['selected_step']):>10}{r['wall_time_s'] / 60:>8.1f}m"
-          f"{'*' if r['wall_from_step'] else ' '} {r['device']} ({r['mesh']})")
+          f"{ratio:>9}  std HR {s['hr@10_std']:.4f} NDCG {s['ndcg@10_std']:.4f} "
+          f"over seeds {s['seeds']}")
   if dataset in CONTEXT:
     print(f"context (not a target): {CONTEXT[dataset]}")
   for r in results:
     if r["wall_from_step"]:
-      print(f"* {r['row']}: wall of the last segment only (resumed at step {r['wall_from_step']})")
+      print(f"* {r['row']} seed {r['seed']}: wall of the last segment only "
+            f"(resumed at step {r['wall_from_step']})")
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   name = f"reproduce_{dataset}" + ("" if holdout == "valid_test" else f"_{holdout}")
   (out / f"{name}.json").write_text(json.dumps(
-      {"dataset": dataset, "rows": results, "context": CONTEXT.get(dataset),
+      {"dataset": dataset, "rows": results, "seed_summaries": summaries,
+       "context": CONTEXT.get(dataset),
        "small": runtime.small()}, indent=2))
   import matplotlib
   matplotlib.use("Agg")
@@ -164,7 +217,8 @@ def main(argv):
   for r in results:
     if r["ndcg10_by_step"]:
       steps, values = zip(*r["ndcg10_by_step"])
-      ax.plot(steps, values, "o-", ms=3, label=r["row"])
+      label = r["row"] if len(seeds) == 1 else f"{r['row']} seed {r['seed']}"
+      ax.plot(steps, values, "o-", ms=3, label=label)
   ax.set_xlabel("step")
   ax.set_ylabel(f"{split} NDCG@10")
   ax.set_title(f"{dataset}: {split} NDCG@10 (full ranking)")
