@@ -76,6 +76,25 @@ def test_one_layer_equals_the_numpy_reference():
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+def test_output_projection_starts_as_the_references_linear():
+  """Weight xavier uniform U(+-sqrt(6 / (fan_in + fan_out))), bias PyTorch's Linear
+  default U(+-1/sqrt(fan_in)): both centred on zero (a [0, 2 limit) draw, all positive,
+  once stood in for the weight)."""
+  heads, dv, d = 4, 64, 256
+  cfg = ModelConfig(num_items=50, max_len=8, d_model=d, n_heads=heads, n_layers=2,
+                    block="hstu", hstu_qk_dim=16, hstu_v_dim=dv, final_norm=False)
+  layers = RecommenderFns(cfg).init(jax.random.key(0))["layers"]
+  w, b = np.asarray(layers["out"], np.float64), np.asarray(layers["out_bias"], np.float64)
+  limit = np.sqrt(6.0 / (heads * dv + d))
+  assert w.shape == (2, heads, dv, d) and np.abs(w).max() <= limit
+  assert abs(w.mean()) < 4 * limit / np.sqrt(3 * w.size)        # 4 standard errors
+  np.testing.assert_allclose(w.std(), limit / np.sqrt(3), rtol=0.02)
+  assert not np.allclose(w[0], w[1])                              # layers drawn apart
+  bias_limit = 1.0 / np.sqrt(heads * dv)
+  assert np.abs(b).max() <= bias_limit and abs(b.mean()) < 4 * bias_limit / np.sqrt(3 * b.size)
+  np.testing.assert_allclose(b.std(), bias_limit / np.sqrt(3), rtol=0.1)
+
+
 def test_time_buckets_follow_the_published_log_scale():
   day, hour = 86400, 3600
   t = jnp.asarray([[0, hour, day]])

@@ -49,6 +49,13 @@ def time_buckets(query_times: jax.Array, key_times: jax.Array, buckets: int) -> 
   return jnp.clip(b, 0, buckets)
 
 
+def symmetric_uniform(limit: float):
+  """An initializer drawing from U(-limit, limit)."""
+  def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+  return init
+
+
 class HSTUBlock(nnx.Module):
   def __init__(self, d_model: int, n_heads: int, qk_dim: int, v_dim: int, max_len: int,
                time_buckets: int, init_std: float, rngs: nnx.Rngs):
@@ -58,11 +65,12 @@ class HSTUBlock(nnx.Module):
     width = 2 * v_dim + 2 * qk_dim
     self.uvqk = param(nnx.initializers.normal(init_std), rngs.params(),
                       (d_model, n_heads, width), ("embed", "heads", None))
-    fan_in, fan_out = n_heads * v_dim, d_model
-    limit = math.sqrt(6.0 / (fan_in + fan_out))   # xavier uniform, as the reference
-    self.out = param(nnx.initializers.uniform(2 * limit), rngs.params(),
-                     (n_heads, v_dim, d_model), ("heads", "kv", "embed"))
-    self.out_bias = param(nnx.initializers.zeros, rngs.params(), (d_model,), ("embed",))
+    # The reference's output Linear: weight xavier uniform, bias PyTorch's Linear default
+    # U(+-1/sqrt(fan_in)). (flax's `uniform(s)` draws from [0, s): all-positive, not these.)
+    self.out = param(nnx.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2),
+                     rngs.params(), (n_heads, v_dim, d_model), ("heads", "kv", "embed"))
+    self.out_bias = param(symmetric_uniform(1.0 / math.sqrt(n_heads * v_dim)), rngs.params(),
+                          (d_model,), ("embed",))
     self.pos_bias = param(nnx.initializers.normal(init_std), rngs.params(),
                           (2 * max_len - 1,), (None,))
     self.time_bias = param(nnx.initializers.normal(init_std), rngs.params(),
