@@ -10,6 +10,12 @@ a finished run (summary.json) is read back instead of retrained, and an unfinish
 one resumes from its checkpoint. Prints ours vs published with the wall time and the
 device, writes OUT/reproduce_DATASET.json and a plot of validation NDCG@10 vs step.
 
+On ML-1M the candidates exclude the items of the model's input window (the last
+`max_len`), as generative-recommenders' eval.py does for the published table, not the
+user's whole history (SASRec's protocol, `eval.exclude_scope = "history"`, the configs'
+default); `--exclude_scope` picks either, and a finished run scored the other way is
+re-scored from its last checkpoint rather than retrained.
+
 `--holdout=test` runs the rows under the published runs' own split instead
 (generative-recommenders trains through each user's second-to-last item and evaluates
 the last one during training, with no validation split): workdirs ROOT/DATASET-test/ROW,
@@ -70,10 +76,44 @@ _SEEDS = flags.DEFINE_list(
     "seeds", ["0"], "Seed offsets: each row runs once per seed s (config.seed and "
     "data.shuffle_seed + s; workdir ROW for s = 0, ROW-seedS otherwise); several seeds "
     "add each row's mean and sample std.")
+# The published table's candidate exclusion: generative-recommenders' eval.py removes
+# the items of the model's input window (its padded past_ids, the last 200), not the
+# whole history; 26% of ML-1M's users have more than 200 items before the test item.
+TABLE_SCOPE = {"ml1m": "input"}
+_EXCLUDE_SCOPE = flags.DEFINE_enum(
+    "exclude_scope", "", ["", "history", "input"],
+    "Which of a user's items leave the candidates: history (all of them, SASRec's "
+    "protocol) or input (only the model's input window, generative-recommenders'); '' = "
+    "the table's own (TABLE_SCOPE: input for ml1m), else each config's. A finished run "
+    "scored otherwise is re-scored from its last checkpoint (ROW/test_exclude_SCOPE.json).")
 _HOLDOUT = flags.DEFINE_enum(
     "holdout", "valid_test", ["valid_test", "test"],
     "valid_test: our protocol (validation item held out, checkpoint selected on it); "
     "test: the published runs' split (trained through the validation item, last step).")
+
+
+def scored_scope(summary: dict) -> str:
+  """The exclusion scope a finished run's test metrics were computed under."""
+  return summary.get("config", {}).get("eval", {}).get("exclude_scope", "history")
+
+
+def rescore(name: str, path: str, workdir: Path, holdout: str, seed: int, scope: str,
+            summary: dict) -> dict:
+  """A finished run's test metrics under exclusion scope `scope`, from its last
+  checkpoint (computed once, then read back)."""
+  cache = workdir / f"test_exclude_{scope}.json"
+  if cache.exists():
+    return json.loads(cache.read_text())
+  if summary.get("selected"):
+    raise SystemExit(f"{name}: its test metrics are of the checkpoint selected on "
+                     "validation, not its last one; re-scoring covers --holdout=test runs")
+  from jaxrec.train.loop import evaluate_checkpoint
+  out = evaluate_checkpoint(row_config(path, holdout, seed, scope), workdir)
+  if out["step"] != summary["steps"]:
+    raise SystemExit(f"{name}: the last checkpoint in {workdir} is step {out['step']}, "
+                     f"not the run's final step {summary['steps']}")
+  cache.write_text(json.dumps(out, indent=2))
+  return out
 
 
 def seed_workdir(root: Path, name: str, seed: int) -> Path:
@@ -81,19 +121,28 @@ def seed_workdir(root: Path, name: str, seed: int) -> Path:
   return root / (name if seed == 0 else f"{name}-seed{seed}")
 
 
-def run_row(name: str, path: str, workdir: Path, holdout: str, seed: int = 0) -> dict:
-  """The row's summary: read back if the run finished, else trained (or resumed)."""
-  done = workdir / "summary.json"
-  if done.exists():
-    logging.info("%s: finished run found in %s", name, workdir)
-    return json.loads(done.read_text())
-  from jaxrec.train.loop import train_and_evaluate
+def row_config(path: str, holdout: str, seed: int = 0, exclude_scope: str = ""):
+  """The config a row runs: its file's, on `holdout`, offset by `seed`."""
   config = runtime.run_config(runtime.load_config(path))
   config.seed += seed               # initialisation, dropout and sampled negatives
   config.data.shuffle_seed += seed  # batch order
   if holdout != config.data.holdout:
     config.data.holdout = holdout
     config.train.select_on = ""     # there is no validation split to select on
+  if exclude_scope:
+    config.eval.exclude_scope = exclude_scope
+  return config
+
+
+def run_row(name: str, path: str, workdir: Path, holdout: str, seed: int = 0,
+            exclude_scope: str = "") -> dict:
+  """The row's summary: read back if the run finished, else trained (or resumed)."""
+  done = workdir / "summary.json"
+  if done.exists():
+    logging.info("%s: finished run found in %s", name, workdir)
+    return json.loads(done.read_text())
+  from jaxrec.train.loop import train_and_evaluate
+  config = row_config(path, holdout, seed, exclude_scope)
   summary = train_and_evaluate(config, str(workdir))
   if summary is None:
     raise SystemExit(f"{name}: stopped before the end; rerun to resume from {workdir}")
@@ -153,18 +202,26 @@ def main(argv):
   root = Path(_ROOT.value) / (dataset if holdout == "valid_test" else f"{dataset}-{holdout}")
   split = "valid" if holdout == "valid_test" else "test"
   seeds = parse_seeds(_SEEDS.value)
+  wanted_scope = _EXCLUDE_SCOPE.value or TABLE_SCOPE.get(dataset, "")
   results = []
   for name, path, published in rows:
     for seed in seeds:
       workdir = seed_workdir(root, name, seed)
       start = time.perf_counter()
       with runtime.user_errors():
-        summary = run_row(name, path, workdir, holdout, seed)
+        summary = run_row(name, path, workdir, holdout, seed, wanted_scope)
+        scope = wanted_scope or scored_scope(summary)
+        rescored = (rescore(name, path, workdir, holdout, seed, scope, summary)
+                    if scope != scored_scope(summary) else None)
+      test = (rescored or summary)["test"]
       selected = summary.get("selected") or {}
       total_wall = summary.get("total_wall_s")   # absent / None: written before it existed
       results.append({
           "row": name, "seed": seed, "config": path, "workdir": str(workdir),
-          "test": {k: summary["test"][k] for k in ("hr@10", "ndcg@10", "mrr")},
+          "test": {k: test[k] for k in ("hr@10", "ndcg@10", "mrr")},
+          "exclude_scope": scope,
+          "test_as_trained": ({k: summary["test"][k] for k in ("hr@10", "ndcg@10", "mrr")}
+                              if rescored else None),
           "published": published, "published_source": SOURCE if published else None,
           "selected_step": selected.get("step"), "steps": summary["steps"],
           # every segment's wall; an older summary has only its last segment's
@@ -172,13 +229,17 @@ def main(argv):
           "wall_from_step": ((summary.get("resumed_from_step") or 0) if total_wall is None
                              else 0),
           "device": summary["device"],
-          "mesh": summary["mesh"], "protocol": summary["protocol"],
+          "mesh": summary["mesh"], "protocol": (rescored or summary)["protocol"],
           "this_call_s": time.perf_counter() - start,
           "holdout": holdout, "curve_split": split,
+          "curve_exclude_scope": scored_scope(summary),   # as trained (and logged)
           "ndcg10_by_step": curve(workdir, split)})
   chosen = ("checkpoint selected on validation NDCG@10" if holdout == "valid_test" else
             "trained through the validation item, last step (the published runs' split)")
-  print(f"\n{dataset}: test split, full ranking, history removed, {chosen}")
+  scopes = sorted({r["exclude_scope"] for r in results})
+  removed = {"history": "history removed", "input": "the input window's items removed"}
+  print(f"\n{dataset}: test split, full ranking, "
+        f"{' / '.join(removed[s] for s in scopes)}, {chosen}")
   print(f"{'row':<16}{'seed':>5}{'HR@10':>8}{'NDCG@10':>9}{'pub HR':>8}{'pub NDCG':>9}"
         f"{'NDCG/pub':>9}{'sel step':>10}{'wall':>9}  device")
   for r in results:

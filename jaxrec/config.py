@@ -57,6 +57,7 @@ ROW_GRADIENTS = ("exact", "bf16", "int8")
 NEGATIVES = ("uniform", "in_batch", "mixed")
 BALANCE_COSTS = ("device", "timed", "h100", "tpu_v5p", "local")
 BASELINES = ("most_popular", "none")
+EXCLUDE_SCOPES = ("history", "input")
 
 
 class ConfigError(ValueError):
@@ -227,6 +228,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
   c.eval.exclude_history = True
+  # What exclude_history removes from the candidates: "history", every item the user had
+  # before the target (SASRec's evaluation); "input", only those in the model's input
+  # window (the last data.max_len), as generative-recommenders' eval.py does
+  # (invalid_ids = the padded past_ids): the published HSTU table's protocol.
+  c.eval.exclude_scope = "history"
   c.eval.max_users = 0        # 0 = every user; >0 = the first N (quick validation)
   c.eval.baseline = "most_popular"  # a baseline scored next to the model: most_popular | none
 
@@ -319,6 +325,7 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
   _choice(c, "pipeline.balance_costs", BALANCE_COSTS)
   _choice(c, "train.opt_state_dtype", DTYPES)
   _choice(c, "eval.baseline", BASELINES)
+  _choice(c, "eval.exclude_scope", EXCLUDE_SCOPES)
   _choice(c, "loss.type", LOSS_TYPES)
   _choice(c, "embedding.sharding", TABLE_SHARDINGS)
   _choice(c, "embedding.optimizer", TABLE_OPTIMIZERS)

@@ -195,6 +195,9 @@ def test_eval_batches_pad_and_exclude(tmp_path):
   assert batch["exclude"].shape == (4, 4)
   assert batch["exclude"][0].tolist() == [1, 2, 3, 4]
   assert batch["exclude"][1].tolist() == [4, 5, 0, 0]
+  (window,) = list(eval_batches(ex, 4, exclude_history=True, exclude_scope="input"))
+  np.testing.assert_array_equal(window["exclude"], window["inputs"])   # the last max_len
+  assert window["exclude"][0].tolist() == [2, 3, 4]
 
 
 def test_embedded_dataset_loads():

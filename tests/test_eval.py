@@ -51,19 +51,22 @@ def _examples(num_items, users, max_len, seed):
 
 
 @pytest.mark.parametrize("spec", ["data:1", "data:8", "data:2,tensor:4"])
-@pytest.mark.parametrize("exclude", [True, False])
-def test_sharded_ranks_match_brute_force(spec, exclude):
+@pytest.mark.parametrize("exclude,scope", [(True, "history"), (False, "history"),
+                                           (True, "input")])
+def test_sharded_ranks_match_brute_force(spec, exclude, scope):
   config = tiny_config(**{"eval.batch_size": 16})
   devices = 1 if spec == "data:1" else 8
   prog = program(config, spec, devices)
   params = prog.init_state(0).params
   ex = _examples(300, 37, 8, seed=1)
-  got = evaluate(prog.eval_ranks, params, prog.mesh, ex, 16, exclude)
+  got = evaluate(prog.eval_ranks, params, prog.mesh, ex, 16, exclude, exclude_scope=scope)
   fns = prog.fns
   p = jax.device_get(params)
   logits = np.asarray(jax.jit(lambda p, x: fns.logits(p, x, fns.context()))(p, ex.inputs))
   scores = logits[:, -1, :]
   exclude_lists = [ex.history_of(r) for r in range(len(ex))] if exclude else None
+  if scope == "input":   # the history holds 5 more items than the window: not excluded
+    exclude_lists = [row[row > 0] for row in ex.inputs]
   want = metrics_from_ranks(brute_force_ranks(scores, ex.target, exclude_lists, 300))
   for k in ("hr@1", "hr@10", "hr@50", "ndcg@10", "mrr", "users"):
     assert got[k] == pytest.approx(want[k], rel=1e-6), k

@@ -65,6 +65,8 @@ def test_mesh_has_all_four_axes_in_order():
     ({"dp.local_sgd_warmup": 100}, MeshShape(data=8),
      "local_sgd_warmup = 100 ramps .*local_sgd_step = 'mean' has none to ramp"),
     ({"dp.outer_momentum": 1.0}, MeshShape(data=8), r"outer_momentum = 1.0 must be in \[0, 1\)"),
+    ({"eval.exclude_scope": "window"}, MeshShape(),
+     "exclude_scope = 'window'; valid values are history, input"),
 ])
 def test_config_validation_errors(overrides, mesh, needle):
   with pytest.raises(ConfigError, match=needle):

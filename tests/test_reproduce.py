@@ -68,3 +68,17 @@ def test_seed_summaries_give_mean_and_sample_std_per_row():
   np.testing.assert_allclose(a["ndcg@10_std"], 0.01, rtol=1e-9)   # sample std (n - 1)
   np.testing.assert_allclose(a["hr@10_std"], 0.01, rtol=1e-9)
   assert b["seeds"] == [0] and b["ndcg@10_std"] == 0.0
+
+
+def test_a_run_scored_before_scopes_existed_counts_as_whole_history():
+  assert reproduce.scored_scope({"config": {"eval": {}}}) == "history"
+  assert reproduce.scored_scope({"config": {"eval": {"exclude_scope": "input"}}}) == "input"
+
+
+def test_rescoring_reads_back_its_result_and_refuses_a_selected_checkpoint(tmp_path):
+  (tmp_path / "test_exclude_input.json").write_text('{"step": 4, "test": {"mrr": 0.5}}')
+  assert reproduce.rescore("q", "unused.py", tmp_path, "test", 0, "input",
+                           {"steps": 4})["test"] == {"mrr": 0.5}
+  with pytest.raises(SystemExit, match="selected on validation"):
+    reproduce.rescore("q", "unused.py", tmp_path, "valid_test", 0, "history",
+                      {"steps": 4, "selected": {"step": 2}})

@@ -9,7 +9,7 @@ import pytest
 
 from jaxrec.config import ConfigError
 from jaxrec.train.checkpoint import CheckpointMismatchError
-from jaxrec.train.loop import train_and_evaluate
+from jaxrec.train.loop import evaluate_checkpoint, train_and_evaluate
 from experiments.configs import quickstart
 from tests.helpers import tiny_config
 
@@ -199,6 +199,19 @@ def test_holdout_test_evaluates_the_test_split_and_selects_nothing(tmp_path):
   assert [(r["step"], r["split"]) for r in rows if "split" in r] == [(2, "test"), (4, "test")]
   assert summary["valid"] is None and summary["selected"] is None
   assert "trained through the validation item" in summary["protocol"]
+  # re-scored from the last checkpoint: the same metrics under the same protocol; with
+  # only the input window excluded (every user here has more history than 16 items)
+  # each target can only rank lower
+  config = tiny_config(**overrides)
+  again = evaluate_checkpoint(config, tmp_path)
+  assert again["step"] == 4
+  assert again["test"] == pytest.approx(
+      {**summary["test"], "eval_time_s": again["test"]["eval_time_s"]})
+  window = evaluate_checkpoint(tiny_config(**overrides, **{"eval.exclude_scope": "input"}),
+                               tmp_path)
+  assert "input window" in window["protocol"]
+  assert window["test"]["mrr"] < summary["test"]["mrr"]
+  assert all(window["test"][k] <= summary["test"][k] for k in ("hr@10", "ndcg@10", "hr@50"))
 
 
 def test_select_on_reports_the_test_metrics_of_the_best_validation_step(tmp_path):

@@ -172,12 +172,14 @@ def to_global(mesh: Mesh, host: Mapping[str, np.ndarray], global_batch: int) -> 
 
 
 def eval_batches(examples: EvalExamples, batch_size: int, exclude_history: bool,
-                 with_times: bool = False):
+                 with_times: bool = False, exclude_scope: str = "history"):
   """Yields host-global numpy eval batches padded to `batch_size` (weight 0 rows).
 
-  The exclusion list is padded to a power-of-two width per batch so only a few
-  shapes are ever compiled. `with_times`: also each input's timestamp and the time
-  of the item it predicts (the held-out item's at the last position).
+  The exclusion list is the user's whole history (`exclude_scope="history"`), padded
+  to a power-of-two width per batch so only a few shapes are ever compiled, or only
+  the input window (`"input"`: the row's inputs). `with_times`: also each input's
+  timestamp and the time of the item it predicts (the held-out item's at the last
+  position).
   """
   n = len(examples)
   for start in range(0, n, batch_size):
@@ -189,7 +191,9 @@ def eval_batches(examples: EvalExamples, batch_size: int, exclude_history: bool,
     target = np.zeros((batch_size,), np.int32)
     target[:rows.shape[0]] = examples.target[rows]
     weight = np.concatenate([np.ones(rows.shape[0], np.float32), np.zeros(pad, np.float32)])
-    if exclude_history:
+    if exclude_history and exclude_scope == "input":
+      exclude = inputs.copy()
+    elif exclude_history:
       hists = [examples.history_of(r) for r in rows]
       width = 1 << max(0, int(np.ceil(np.log2(max(1, max(h.shape[0] for h in hists))))))
       exclude = np.zeros((batch_size, width), np.int32)

@@ -53,7 +53,7 @@ def brute_force_ranks(scores: np.ndarray, target: np.ndarray,
 
 
 def popularity_metrics(popularity: np.ndarray, examples, exclude_history: bool,
-                       num_items: int) -> dict[str, float]:
+                       num_items: int, exclude_scope: str = "history") -> dict[str, float]:
   """The most-popular baseline under the same protocol: every user gets the item
   counts of the training prefixes as scores (ties broken against the target).
 
@@ -68,9 +68,14 @@ def popularity_metrics(popularity: np.ndarray, examples, exclude_history: bool,
   at_least = items.shape[0] - np.searchsorted(sorted_pop, t_pop, side="left")
   ranks = at_least - 1                      # everything >= the target but itself
   if exclude_history:
-    offsets = np.asarray(examples.history_offsets, np.int64)
-    users = np.repeat(np.arange(target.shape[0]), np.diff(offsets))
-    hist = np.asarray(examples.history, np.int64)
+    if exclude_scope == "input":     # the input window: each row's non-padding inputs
+      inputs = np.asarray(examples.inputs, np.int64)
+      users = np.nonzero(inputs > 0)[0]
+      hist = inputs[inputs > 0]
+    else:
+      offsets = np.asarray(examples.history_offsets, np.int64)
+      users = np.repeat(np.arange(target.shape[0]), np.diff(offsets))
+      hist = np.asarray(examples.history, np.int64)
     key = users * (num_items + 1) + hist
     keep = (hist > 0) & (hist != target[users])
     _, first = np.unique(key, return_index=True)   # a history item counts once

@@ -120,10 +120,13 @@ class PreemptionGuard:
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
-def protocol(exclude_history: bool, holdout: str = "valid_test") -> str:
+def protocol(exclude_history: bool, holdout: str = "valid_test",
+             exclude_scope: str = "history") -> str:
+  removed = ("history items removed from the candidates" if exclude_scope == "history" else
+             "the input window's items (the last max_len) removed from the candidates")
   return PROTOCOL.format(holdout=HOLDOUT_WORDS[holdout],
-                         history="history items removed from the candidates"
-                         if exclude_history else "history items kept as candidates")
+                         history=removed if exclude_history else
+                         "history items kept as candidates")
 
 
 def build(config: ml_collections.ConfigDict, dataset: Dataset | None = None):
@@ -399,11 +402,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
   baseline = None
   if config.eval.baseline == "most_popular" and jax.process_index() == 0:
     baseline = popularity_metrics(dataset.popularity, dataset.test,
-                                  config.eval.exclude_history, dataset.num_items)
+                                  config.eval.exclude_history, dataset.num_items,
+                                  config.eval.exclude_scope)
   summary = {
       "test": test, "valid": valid, "selected": selected, "final": final,
       "baseline_most_popular_test": baseline,
-      "protocol": protocol(config.eval.exclude_history, config.data.holdout),
+      "protocol": protocol(config.eval.exclude_history, config.data.holdout,
+                           config.eval.exclude_scope),
       "wall_time_s": time.perf_counter() - wall_start,   # this process
       "total_wall_s": total_wall(),   # every segment's, up to each resumed checkpoint
       "steps": total, "resumed_from_step": start_step if start_step else None,
@@ -458,12 +463,39 @@ class BestSelector:
     self.ckpt.close()
 
 
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path,
+                        split: str = "test") -> dict[str, Any]:
+  """`split`'s metrics for the newest checkpoint in `workdir`, under `config`'s
+  evaluation settings: a finished run re-scored under another protocol (e.g.
+  `eval.exclude_scope`) without retraining. Also the most-popular baseline under it."""
+  if split not in ("valid", "test"):
+    raise ValueError(f"split = {split!r}; valid values are valid, test")
+  mesh, dataset, _, program = build(config)
+  ckpt = Checkpointer(Path(workdir) / "checkpoints", keep=config.train.keep_checkpoints)
+  try:
+    state = restore_latest(ckpt, program)
+    if state is None:
+      raise FileNotFoundError(f"no checkpoint to evaluate in {Path(workdir) / 'checkpoints'}")
+    result = _evaluator(config, program, mesh, dataset)(state, split)
+  finally:
+    ckpt.close()
+  examples = dataset.valid if split == "valid" else dataset.test
+  baseline = (popularity_metrics(dataset.popularity, examples, config.eval.exclude_history,
+                                 dataset.num_items, config.eval.exclude_scope)
+              if config.eval.baseline == "most_popular" else None)
+  return {"step": int(jax.device_get(state.step)), split: result,
+          f"baseline_most_popular_{split}": baseline,
+          "protocol": protocol(config.eval.exclude_history, config.data.holdout,
+                               config.eval.exclude_scope)}
+
+
 def _evaluator(config, program: TrainProgram, mesh, dataset: Dataset):
   def run(state, split: str) -> dict[str, float]:
     examples = dataset.valid if split == "valid" else dataset.test
     result = evaluate(program.eval_ranks, state.params, mesh, examples,
                       config.eval.batch_size, config.eval.exclude_history,
-                      with_times=program.fns.uses_time)
+                      with_times=program.fns.uses_time,
+                      exclude_scope=config.eval.exclude_scope)
     logging.info("%s: HR@10 %.4f NDCG@10 %.4f MRR %.4f (%d users, %.1fs)", split,
                  result["hr@10"], result["ndcg@10"], result["mrr"], result["users"],
                  result["eval_time_s"])
