@@ -61,6 +61,7 @@ ROWS = {
         ("hstu", "experiments/configs/amazon_hstu.py", None),
     ],
 }
+METRICS = ("hr@10", "ndcg@10", "mrr")   # what each row reports
 SOURCE = "Zhai et al. 2024 (HSTU), Table 2: ML-1M, full ranking, HR@10 / NDCG@10"
 CONTEXT = {   # published full-ranking figures on a related dataset: shown, never compared
     "amazon-video": "Amazon Books (another category and catalogue; generative-recommenders "
@@ -210,17 +211,18 @@ def main(argv):
       start = time.perf_counter()
       with runtime.user_errors():
         summary = run_row(name, path, workdir, holdout, seed, wanted_scope)
-        scope = wanted_scope or scored_scope(summary)
+        trained_scope = scored_scope(summary)
+        scope = wanted_scope or trained_scope
         rescored = (rescore(name, path, workdir, holdout, seed, scope, summary)
-                    if scope != scored_scope(summary) else None)
+                    if scope != trained_scope else None)
       test = (rescored or summary)["test"]
       selected = summary.get("selected") or {}
       total_wall = summary.get("total_wall_s")   # absent / None: written before it existed
       results.append({
           "row": name, "seed": seed, "config": path, "workdir": str(workdir),
-          "test": {k: test[k] for k in ("hr@10", "ndcg@10", "mrr")},
+          "test": {k: test[k] for k in METRICS},
           "exclude_scope": scope,
-          "test_as_trained": ({k: summary["test"][k] for k in ("hr@10", "ndcg@10", "mrr")}
+          "test_as_trained": ({k: summary["test"][k] for k in METRICS}
                               if rescored else None),
           "published": published, "published_source": SOURCE if published else None,
           "selected_step": selected.get("step"), "steps": summary["steps"],
@@ -232,7 +234,7 @@ def main(argv):
           "mesh": summary["mesh"], "protocol": (rescored or summary)["protocol"],
           "this_call_s": time.perf_counter() - start,
           "holdout": holdout, "curve_split": split,
-          "curve_exclude_scope": scored_scope(summary),   # as trained (and logged)
+          "curve_exclude_scope": trained_scope,   # as trained (and logged)
           "ndcg10_by_step": curve(workdir, split)})
   chosen = ("checkpoint selected on validation NDCG@10" if holdout == "valid_test" else
             "trained through the validation item, last step (the published runs' split)")

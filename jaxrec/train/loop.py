@@ -120,12 +120,13 @@ class PreemptionGuard:
     return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
 
 
-def protocol(exclude_history: bool, holdout: str = "valid_test",
-             exclude_scope: str = "history") -> str:
-  removed = ("history items removed from the candidates" if exclude_scope == "history" else
+def protocol(config: ml_collections.ConfigDict) -> str:
+  """The evaluation protocol in words, as the summary records it."""
+  removed = ("history items removed from the candidates"
+             if config.eval.exclude_scope == "history" else
              "the input window's items (the last max_len) removed from the candidates")
-  return PROTOCOL.format(holdout=HOLDOUT_WORDS[holdout],
-                         history=removed if exclude_history else
+  return PROTOCOL.format(holdout=HOLDOUT_WORDS[config.data.holdout],
+                         history=removed if config.eval.exclude_history else
                          "history items kept as candidates")
 
 
@@ -401,14 +402,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
     selector.close()
   baseline = None
   if config.eval.baseline == "most_popular" and jax.process_index() == 0:
-    baseline = popularity_metrics(dataset.popularity, dataset.test,
-                                  config.eval.exclude_history, dataset.num_items,
-                                  config.eval.exclude_scope)
+    baseline = _most_popular(config, dataset, "test")
   summary = {
       "test": test, "valid": valid, "selected": selected, "final": final,
       "baseline_most_popular_test": baseline,
-      "protocol": protocol(config.eval.exclude_history, config.data.holdout,
-                           config.eval.exclude_scope),
+      "protocol": protocol(config),
       "wall_time_s": time.perf_counter() - wall_start,   # this process
       "total_wall_s": total_wall(),   # every segment's, up to each resumed checkpoint
       "steps": total, "resumed_from_step": start_step if start_step else None,
@@ -479,20 +477,26 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path,
     result = _evaluator(config, program, mesh, dataset)(state, split)
   finally:
     ckpt.close()
-  examples = dataset.valid if split == "valid" else dataset.test
-  baseline = (popularity_metrics(dataset.popularity, examples, config.eval.exclude_history,
-                                 dataset.num_items, config.eval.exclude_scope)
+  baseline = (_most_popular(config, dataset, split)
               if config.eval.baseline == "most_popular" else None)
   return {"step": int(jax.device_get(state.step)), split: result,
-          f"baseline_most_popular_{split}": baseline,
-          "protocol": protocol(config.eval.exclude_history, config.data.holdout,
-                               config.eval.exclude_scope)}
+          f"baseline_most_popular_{split}": baseline, "protocol": protocol(config)}
+
+
+def _examples(dataset: Dataset, split: str):
+  return dataset.valid if split == "valid" else dataset.test
+
+
+def _most_popular(config, dataset: Dataset, split: str) -> dict[str, float]:
+  """The most-popular baseline on `split`, under the run's evaluation protocol."""
+  return popularity_metrics(dataset.popularity, _examples(dataset, split),
+                            config.eval.exclude_history, dataset.num_items,
+                            config.eval.exclude_scope)
 
 
 def _evaluator(config, program: TrainProgram, mesh, dataset: Dataset):
   def run(state, split: str) -> dict[str, float]:
-    examples = dataset.valid if split == "valid" else dataset.test
-    result = evaluate(program.eval_ranks, state.params, mesh, examples,
+    result = evaluate(program.eval_ranks, state.params, mesh, _examples(dataset, split),
                       config.eval.batch_size, config.eval.exclude_history,
                       with_times=program.fns.uses_time,
                       exclude_scope=config.eval.exclude_scope)
