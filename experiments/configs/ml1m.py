@@ -7,10 +7,10 @@ batch 128, AdamW lr 1e-3 with no decay, schedule or clipping, ~100 epochs — wi
 full softmax over the catalogue (SASRec-CE) instead of 128 sampled negatives
 (`ml1m_sampled.py` keeps those). The checkpoint reported is the one with the best
 validation NDCG@10 (evaluated every 5 epochs). The block is the reference's
-(`reference_block`): under the published split it ended at test NDCG@10 .1633 / HR@10
-.2907 with the whole history removed from the candidates (published .1603 / .2853,
-scored with only the input window removed, which ranks lower: docs/design.md; one
-seed, last of 4,800 steps, 8 faked CPU devices);
+(`reference_block`): under the published split and the published exclusion (only
+the input window removed from the candidates) it ended at test NDCG@10 .1608 / HR@10
+.2851 (published .1603 / .2853), .1633 / .2907 with the whole history removed (one
+seed, last of 4,800 steps, 8 faked CPU devices; docs/design.md);
 jaxrec's pre-norm block (`recipe()`, what the data-parallel comparisons in
 docs/design.md ran) at .1592 / .2808 selected on validation.
 
