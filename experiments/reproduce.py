@@ -22,8 +22,10 @@ the last one during training, with no validation split): workdirs ROOT/DATASET-t
 nothing selected, the last step reported, and the curve is test NDCG@10.
 
 On a CPU host add `--cpu_devices=8`: the rows then run on data:8 (which the tests show
-equals one device), ~2.4x faster on a 2-core machine than on one CPU device, because
-XLA's CPU backend gives each faked device its own thread.
+equals one device), faster on a 2-core machine than one CPU device because XLA's CPU
+backend gives each faked device its own thread: ~2.4x for the SASRec row, but only
+~1.1x for HSTU-large (0.40 against 0.36 steps/s over 72 steps, identical losses; why
+it gains less was not measured).
 
 Published figures: Zhai et al. 2024, "Actions Speak Louder than Words" (HSTU),
 Table 2, MovieLens-1M, full ranking: SASRec (sampled softmax, 128 negatives), HSTU,
