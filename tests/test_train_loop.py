@@ -212,6 +212,11 @@ def test_holdout_test_evaluates_the_test_split_and_selects_nothing(tmp_path):
   assert "input window" in window["protocol"]
   assert window["test"]["mrr"] < summary["test"]["mrr"]
   assert all(window["test"][k] <= summary["test"][k] for k in ("hr@10", "ndcg@10", "hr@50"))
+  # the most-popular baseline is scored under the same protocol, and only when asked for
+  assert again["baseline_most_popular_test"] == pytest.approx(summary["baseline_most_popular_test"])
+  assert window["baseline_most_popular_test"]["mrr"] < again["baseline_most_popular_test"]["mrr"]
+  none = evaluate_checkpoint(tiny_config(**overrides, **{"eval.baseline": "none"}), tmp_path)
+  assert none["baseline_most_popular_test"] is None
 
 
 def test_select_on_reports_the_test_metrics_of_the_best_validation_step(tmp_path):

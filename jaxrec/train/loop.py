@@ -400,9 +400,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path,
       metrics.write({"step": best_step, "split": "test", "selected": True, **test})
     selected = {"on": f"valid {config.train.select_on}", "step": best_step}
     selector.close()
-  baseline = None
-  if config.eval.baseline == "most_popular" and jax.process_index() == 0:
-    baseline = _most_popular(config, dataset, "test")
+  baseline = _most_popular(config, dataset, "test") if jax.process_index() == 0 else None
   summary = {
       "test": test, "valid": valid, "selected": selected, "final": final,
       "baseline_most_popular_test": baseline,
@@ -477,8 +475,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path,
     result = _evaluator(config, program, mesh, dataset)(state, split)
   finally:
     ckpt.close()
-  baseline = (_most_popular(config, dataset, split)
-              if config.eval.baseline == "most_popular" else None)
+  baseline = _most_popular(config, dataset, split)
   return {"step": int(jax.device_get(state.step)), split: result,
           f"baseline_most_popular_{split}": baseline, "protocol": protocol(config)}
 
@@ -487,8 +484,11 @@ def _examples(dataset: Dataset, split: str):
   return dataset.valid if split == "valid" else dataset.test
 
 
-def _most_popular(config, dataset: Dataset, split: str) -> dict[str, float]:
-  """The most-popular baseline on `split`, under the run's evaluation protocol."""
+def _most_popular(config, dataset: Dataset, split: str) -> dict[str, float] | None:
+  """The most-popular baseline on `split`, under the run's evaluation protocol; None
+  unless `eval.baseline` asks for it."""
+  if config.eval.baseline != "most_popular":
+    return None
   return popularity_metrics(dataset.popularity, _examples(dataset, split),
                             config.eval.exclude_history, dataset.num_items,
                             config.eval.exclude_scope)
