@@ -12,8 +12,8 @@ device, writes OUT/reproduce_DATASET.json and a plot of validation NDCG@10 vs st
 
 On ML-1M the candidates exclude the items of the model's input window (the last
 `max_len`), as generative-recommenders' eval.py does for the published table, not the
-user's whole history (SASRec's protocol, `eval.exclude_scope = "history"`, the configs'
-default); `--exclude_scope` picks either, and a finished run scored the other way is
+user's whole history (SASRec's protocol, `eval.exclude = "history"`, the configs'
+default); `--exclude` picks another, and a finished run scored another way is
 re-scored from its last checkpoint rather than retrained.
 
 `--holdout=test` runs the rows under the published runs' own split instead
@@ -82,36 +82,39 @@ _SEEDS = flags.DEFINE_list(
 # The published table's candidate exclusion: generative-recommenders' eval.py removes
 # the items of the model's input window (its padded past_ids, the last 200), not the
 # whole history; 26% of ML-1M's users have more than 200 items before the test item.
-TABLE_SCOPE = {"ml1m": "input"}
-_EXCLUDE_SCOPE = flags.DEFINE_enum(
-    "exclude_scope", "", ["", "history", "input"],
-    "Which of a user's items leave the candidates: history (all of them, SASRec's "
-    "protocol) or input (only the model's input window, generative-recommenders'); '' = "
-    "the table's own (TABLE_SCOPE: input for ml1m), else each config's. A finished run "
-    "scored otherwise is re-scored from its last checkpoint (ROW/test_exclude_SCOPE.json).")
+TABLE_EXCLUSION = {"ml1m": "input"}
+_EXCLUDE = flags.DEFINE_enum(
+    "exclude", "", ["", "history", "input", "none"],
+    "Which of a user's items leave the candidates (eval.exclude): history (all of them, "
+    "SASRec's protocol), input (only the model's input window, generative-recommenders') "
+    "or none; '' = the table's own (TABLE_EXCLUSION: input for ml1m), else each config's. "
+    "A finished run scored otherwise is re-scored from its last checkpoint "
+    "(ROW/test_exclude_EXCLUDE.json).")
 _HOLDOUT = flags.DEFINE_enum(
     "holdout", "valid_test", ["valid_test", "test"],
     "valid_test: our protocol (validation item held out, checkpoint selected on it); "
     "test: the published runs' split (trained through the validation item, last step).")
 
 
-def scored_scope(summary: dict) -> str:
-  """The exclusion scope a finished run's test metrics were computed under."""
-  return summary.get("config", {}).get("eval", {}).get("exclude_scope", "history")
+def scored_exclusion(summary: dict) -> str:
+  """The `eval.exclude` a finished run's test metrics were computed under (an older
+  summary's `exclude_history` / `exclude_scope` read as `saved_config` reads them)."""
+  from jaxrec.config import saved_config
+  return saved_config(summary.get("config", {})).eval.exclude
 
 
-def rescore(name: str, path: str, workdir: Path, holdout: str, seed: int, scope: str,
+def rescore(name: str, path: str, workdir: Path, holdout: str, seed: int, exclude: str,
             summary: dict) -> dict:
-  """A finished run's test metrics under exclusion scope `scope`, from its last
+  """A finished run's test metrics under `eval.exclude = exclude`, from its last
   checkpoint (computed once, then read back)."""
-  cache = workdir / f"test_exclude_{scope}.json"
+  cache = workdir / f"test_exclude_{exclude}.json"
   if cache.exists():
     return json.loads(cache.read_text())
   if summary.get("selected"):
     raise SystemExit(f"{name}: its test metrics are of the checkpoint selected on "
                      "validation, not its last one; re-scoring covers --holdout=test runs")
   from jaxrec.train.loop import evaluate_checkpoint
-  out = evaluate_checkpoint(row_config(path, holdout, seed, scope), workdir)
+  out = evaluate_checkpoint(row_config(path, holdout, seed, exclude), workdir)
   if out["step"] != summary["steps"]:
     raise SystemExit(f"{name}: the last checkpoint in {workdir} is step {out['step']}, "
                      f"not the run's final step {summary['steps']}")
@@ -124,7 +127,7 @@ def seed_workdir(root: Path, name: str, seed: int) -> Path:
   return root / (name if seed == 0 else f"{name}-seed{seed}")
 
 
-def row_config(path: str, holdout: str, seed: int = 0, exclude_scope: str = ""):
+def row_config(path: str, holdout: str, seed: int = 0, exclude: str = ""):
   """The config a row runs: its file's, on `holdout`, offset by `seed`."""
   config = runtime.run_config(runtime.load_config(path))
   config.seed += seed               # initialisation, dropout and sampled negatives
@@ -132,20 +135,20 @@ def row_config(path: str, holdout: str, seed: int = 0, exclude_scope: str = ""):
   if holdout != config.data.holdout:
     config.data.holdout = holdout
     config.train.select_on = ""     # there is no validation split to select on
-  if exclude_scope:
-    config.eval.exclude_scope = exclude_scope
+  if exclude:
+    config.eval.exclude = exclude
   return config
 
 
 def run_row(name: str, path: str, workdir: Path, holdout: str, seed: int = 0,
-            exclude_scope: str = "") -> dict:
+            exclude: str = "") -> dict:
   """The row's summary: read back if the run finished, else trained (or resumed)."""
   done = workdir / "summary.json"
   if done.exists():
     logging.info("%s: finished run found in %s", name, workdir)
     return json.loads(done.read_text())
   from jaxrec.train.loop import train_and_evaluate
-  config = row_config(path, holdout, seed, exclude_scope)
+  config = row_config(path, holdout, seed, exclude)
   summary = train_and_evaluate(config, str(workdir))
   if summary is None:
     raise SystemExit(f"{name}: stopped before the end; rerun to resume from {workdir}")
@@ -205,25 +208,25 @@ def main(argv):
   root = Path(_ROOT.value) / (dataset if holdout == "valid_test" else f"{dataset}-{holdout}")
   split = "valid" if holdout == "valid_test" else "test"
   seeds = parse_seeds(_SEEDS.value)
-  wanted_scope = _EXCLUDE_SCOPE.value or TABLE_SCOPE.get(dataset, "")
+  wanted = _EXCLUDE.value or TABLE_EXCLUSION.get(dataset, "")
   results = []
   for name, path, published in rows:
     for seed in seeds:
       workdir = seed_workdir(root, name, seed)
       start = time.perf_counter()
       with runtime.user_errors():
-        summary = run_row(name, path, workdir, holdout, seed, wanted_scope)
-        trained_scope = scored_scope(summary)
-        scope = wanted_scope or trained_scope
-        rescored = (rescore(name, path, workdir, holdout, seed, scope, summary)
-                    if scope != trained_scope else None)
+        summary = run_row(name, path, workdir, holdout, seed, wanted)
+        trained = scored_exclusion(summary)
+        exclude = wanted or trained
+        rescored = (rescore(name, path, workdir, holdout, seed, exclude, summary)
+                    if exclude != trained else None)
       test = (rescored or summary)["test"]
       selected = summary.get("selected") or {}
       total_wall = summary.get("total_wall_s")   # absent / None: written before it existed
       results.append({
           "row": name, "seed": seed, "config": path, "workdir": str(workdir),
           "test": {k: test[k] for k in METRICS},
-          "exclude_scope": scope,
+          "exclude": exclude,
           "test_as_trained": ({k: summary["test"][k] for k in METRICS}
                               if rescored else None),
           "published": published, "published_source": SOURCE if published else None,
@@ -236,14 +239,15 @@ def main(argv):
           "mesh": summary["mesh"], "protocol": (rescored or summary)["protocol"],
           "this_call_s": time.perf_counter() - start,
           "holdout": holdout, "curve_split": split,
-          "curve_exclude_scope": trained_scope,   # as trained (and logged)
+          "curve_exclude": trained,   # as trained (and logged)
           "ndcg10_by_step": curve(workdir, split)})
   chosen = ("checkpoint selected on validation NDCG@10" if holdout == "valid_test" else
             "trained through the validation item, last step (the published runs' split)")
-  scopes = sorted({r["exclude_scope"] for r in results})
-  removed = {"history": "history removed", "input": "the input window's items removed"}
+  exclusions = sorted({r["exclude"] for r in results})
+  removed = {"history": "history removed", "input": "the input window's items removed",
+             "none": "history kept"}
   print(f"\n{dataset}: test split, full ranking, "
-        f"{' / '.join(removed[s] for s in scopes)}, {chosen}")
+        f"{' / '.join(removed[e] for e in exclusions)}, {chosen}")
   print(f"{'row':<16}{'seed':>5}{'HR@10':>8}{'NDCG@10':>9}{'pub HR':>8}{'pub NDCG':>9}"
         f"{'NDCG/pub':>9}{'sel step':>10}{'wall':>9}  device")
   for r in results:

@@ -57,7 +57,13 @@ ROW_GRADIENTS = ("exact", "bf16", "int8")
 NEGATIVES = ("uniform", "in_batch", "mixed")
 BALANCE_COSTS = ("device", "timed", "h100", "tpu_v5p", "local")
 BASELINES = ("most_popular", "none")
-EXCLUDE_SCOPES = ("history", "input")
+EXCLUSIONS = ("history", "input", "none")
+
+
+def check_exclusion(exclude: str) -> None:
+  """`exclude` must name one of EXCLUSIONS (a caller still passing the old bool fails here)."""
+  if exclude not in EXCLUSIONS:
+    raise ValueError(f"exclude = {exclude!r}; valid values are {', '.join(EXCLUSIONS)}")
 
 
 class ConfigError(ValueError):
@@ -87,6 +93,12 @@ def saved_config(saved: dict) -> ml_collections.ConfigDict:
   merge(c, saved)
   if c.pipeline.remat in (True, False):   # before remat policies: a bool
     c.pipeline.remat = "full" if c.pipeline.remat else "none"
+  if "exclude_history" in c.eval:   # before eval.exclude: a bool and a scope
+    c.eval.exclude = (c.eval.get("exclude_scope", "history") if c.eval.exclude_history
+                      else "none")
+    del c.eval["exclude_history"]
+    if "exclude_scope" in c.eval:
+      del c.eval["exclude_scope"]
   return c
 
 
@@ -227,12 +239,12 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
-  c.eval.exclude_history = True
-  # What exclude_history removes from the candidates: "history", every item the user had
+  # Which of a user's items leave the candidates: "history", every item the user had
   # before the target (SASRec's evaluation); "input", only those in the model's input
   # window (the last data.max_len), as generative-recommenders' eval.py does
-  # (invalid_ids = the padded past_ids): the published HSTU table's protocol.
-  c.eval.exclude_scope = "history"
+  # (invalid_ids = the padded past_ids): the published HSTU table's protocol; "none",
+  # every item stays a candidate. (The target itself is never removed.)
+  c.eval.exclude = "history"
   c.eval.max_users = 0        # 0 = every user; >0 = the first N (quick validation)
   c.eval.baseline = "most_popular"  # a baseline scored next to the model: most_popular | none
 
@@ -325,7 +337,7 @@ def validate(c: ml_collections.ConfigDict, mesh: MeshShape) -> None:
   _choice(c, "pipeline.balance_costs", BALANCE_COSTS)
   _choice(c, "train.opt_state_dtype", DTYPES)
   _choice(c, "eval.baseline", BASELINES)
-  _choice(c, "eval.exclude_scope", EXCLUDE_SCOPES)
+  _choice(c, "eval.exclude", EXCLUSIONS)
   _choice(c, "loss.type", LOSS_TYPES)
   _choice(c, "embedding.sharding", TABLE_SHARDINGS)
   _choice(c, "embedding.optimizer", TABLE_OPTIMIZERS)

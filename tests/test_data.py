@@ -190,14 +190,18 @@ def test_eval_batches_pad_and_exclude(tmp_path):
   lines = "".join(f"1 {i}\n" for i in range(1, 6)) + "".join(f"2 {i}\n" for i in (4, 5, 6))
   seqs = build_sequences(read_sasrec(write(tmp_path, "s.txt", lines)))
   ex = eval_examples(seqs, "test", max_len=3)
-  (batch,) = list(eval_batches(ex, 4, exclude_history=True))
+  (batch,) = list(eval_batches(ex, 4, exclude="history"))
   assert batch["weight"].tolist() == [1, 1, 0, 0]
   assert batch["exclude"].shape == (4, 4)
   assert batch["exclude"][0].tolist() == [1, 2, 3, 4]
   assert batch["exclude"][1].tolist() == [4, 5, 0, 0]
-  (window,) = list(eval_batches(ex, 4, exclude_history=True, exclude_scope="input"))
+  (window,) = list(eval_batches(ex, 4, exclude="input"))
   np.testing.assert_array_equal(window["exclude"], window["inputs"])   # the last max_len
   assert window["exclude"][0].tolist() == [2, 3, 4]
+  (kept,) = list(eval_batches(ex, 4, exclude="none"))
+  assert not kept["exclude"].any()                                      # nothing removed
+  with pytest.raises(ValueError, match="exclude = True; valid values are history, input, none"):
+    list(eval_batches(ex, 4, exclude=True))                             # the old bool
 
 
 def test_embedded_dataset_loads():

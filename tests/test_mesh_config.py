@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxrec.config import ConfigError, validate
+from jaxrec.config import ConfigError, saved_config, validate
 from jaxrec.mesh import MeshShape, MeshSpecError, make_mesh, parse_mesh_spec
 from tests.helpers import tiny_config
 
@@ -65,12 +65,28 @@ def test_mesh_has_all_four_axes_in_order():
     ({"dp.local_sgd_warmup": 100}, MeshShape(data=8),
      "local_sgd_warmup = 100 ramps .*local_sgd_step = 'mean' has none to ramp"),
     ({"dp.outer_momentum": 1.0}, MeshShape(data=8), r"outer_momentum = 1.0 must be in \[0, 1\)"),
-    ({"eval.exclude_scope": "window"}, MeshShape(),
-     "exclude_scope = 'window'; valid values are history, input"),
+    ({"eval.exclude": "window"}, MeshShape(),
+     "exclude = 'window'; valid values are history, input, none"),
 ])
 def test_config_validation_errors(overrides, mesh, needle):
   with pytest.raises(ConfigError, match=needle):
     validate(tiny_config(**overrides), mesh)
+
+
+@pytest.mark.parametrize("saved_eval,want", [
+    ({"exclude_history": True}, "history"),                            # before scopes
+    ({"exclude_history": True, "exclude_scope": "input"}, "input"),
+    ({"exclude_history": False, "exclude_scope": "input"}, "none"),
+    ({"exclude_history": False}, "none"),
+    ({"exclude": "input"}, "input"),                                   # today's field
+])
+def test_a_checkpoint_from_before_eval_exclude_keeps_its_protocol(saved_eval, want):
+  """`eval.exclude` replaced a bool (`exclude_history`) and a scope (`exclude_scope`):
+  an older checkpoint's config reads as the protocol it was evaluated under."""
+  c = saved_config({"eval": saved_eval})
+  assert c.eval.exclude == want
+  assert "exclude_history" not in c.eval and "exclude_scope" not in c.eval
+  validate(c, MeshShape())
 
 
 def test_unknown_config_key_is_an_error(tmp_path):

@@ -70,9 +70,14 @@ def test_seed_summaries_give_mean_and_sample_std_per_row():
   assert b["seeds"] == [0] and b["ndcg@10_std"] == 0.0
 
 
-def test_a_run_scored_before_scopes_existed_counts_as_whole_history():
-  assert reproduce.scored_scope({"config": {"eval": {}}}) == "history"
-  assert reproduce.scored_scope({"config": {"eval": {"exclude_scope": "input"}}}) == "input"
+def test_a_run_scored_before_eval_exclude_reads_as_its_protocol():
+  def scored(ev):
+    return reproduce.scored_exclusion({"config": {"eval": ev}})
+  assert scored({}) == "history"                                  # before any of them
+  assert scored({"exclude_history": True}) == "history"          # before scopes
+  assert scored({"exclude_history": True, "exclude_scope": "input"}) == "input"
+  assert scored({"exclude_history": False, "exclude_scope": "input"}) == "none"
+  assert scored({"exclude": "input"}) == "input"
 
 
 def test_rescoring_reads_back_its_result_and_refuses_a_selected_checkpoint(tmp_path):

@@ -123,8 +123,8 @@ def test_checkpoint_from_another_model_is_refused(tmp_path):
 
 def test_a_checkpoint_older_than_the_schema_still_resumes(tmp_path):
   """A run written before a config section existed (here: no `embedding`, no
-  model.position_origin — the behaviour then was positions counted from the end)
-  resumes; resuming it with today's default origin is refused by name."""
+  model.position_origin — the behaviour then was positions counted from the end — and
+  eval.exclude_history / exclude_scope for eval.exclude) resumes; resuming it with today's default origin is refused by name."""
   def config(steps, origin):
     c = small(quickstart.get_config(), steps=steps, checkpoint_every=2)
     c.model.position_origin = origin
@@ -135,6 +135,8 @@ def test_a_checkpoint_older_than_the_schema_still_resumes(tmp_path):
   meta = json.loads(meta_file.read_text())
   saved = json.loads(meta["config"])
   del saved["embedding"], saved["model"]["position_origin"]
+  del saved["eval"]["exclude"]   # before eval.exclude: a bool and a scope
+  saved["eval"].update(exclude_history=True, exclude_scope="history")
   meta["config"] = json.dumps(saved)
   meta_file.write_text(json.dumps(meta))
 
@@ -207,7 +209,7 @@ def test_holdout_test_evaluates_the_test_split_and_selects_nothing(tmp_path):
   assert again["step"] == 4
   assert again["test"] == pytest.approx(
       {**summary["test"], "eval_time_s": again["test"]["eval_time_s"]})
-  window = evaluate_checkpoint(tiny_config(**overrides, **{"eval.exclude_scope": "input"}),
+  window = evaluate_checkpoint(tiny_config(**overrides, **{"eval.exclude": "input"}),
                                tmp_path)
   assert "input window" in window["protocol"]
   assert window["test"]["mrr"] < summary["test"]["mrr"]

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from jaxrec.config import PACKINGS
+from jaxrec.config import PACKINGS, check_exclusion
 from jaxrec.data import packing as packing_lib
 from jaxrec.data.sequences import EvalExamples, Windows
 from jaxrec.mesh import mesh_shape
@@ -171,16 +171,17 @@ def to_global(mesh: Mesh, host: Mapping[str, np.ndarray], global_batch: int) -> 
   return out
 
 
-def eval_batches(examples: EvalExamples, batch_size: int, exclude_history: bool,
-                 with_times: bool = False, exclude_scope: str = "history"):
+def eval_batches(examples: EvalExamples, batch_size: int, exclude: str = "history",
+                 with_times: bool = False):
   """Yields host-global numpy eval batches padded to `batch_size` (weight 0 rows).
 
-  The exclusion list is the user's whole history (`exclude_scope="history"`), padded
-  to a power-of-two width per batch so only a few shapes are ever compiled, or only
-  the input window (`"input"`: the row's inputs). `with_times`: also each input's
-  timestamp and the time of the item it predicts (the held-out item's at the last
-  position).
+  `exclude` (`eval.exclude`) picks each row's exclusion list: the user's whole history
+  ("history"), padded to a power-of-two width per batch so only a few shapes are ever
+  compiled; only the input window ("input": the row's inputs); or nothing ("none").
+  `with_times`: also each input's timestamp and the time of the item it predicts (the
+  held-out item's at the last position).
   """
+  check_exclusion(exclude)
   n = len(examples)
   for start in range(0, n, batch_size):
     stop = min(start + batch_size, n)
@@ -191,17 +192,17 @@ def eval_batches(examples: EvalExamples, batch_size: int, exclude_history: bool,
     target = np.zeros((batch_size,), np.int32)
     target[:rows.shape[0]] = examples.target[rows]
     weight = np.concatenate([np.ones(rows.shape[0], np.float32), np.zeros(pad, np.float32)])
-    if exclude_history and exclude_scope == "input":
-      exclude = inputs.copy()
-    elif exclude_history:
+    if exclude == "input":
+      removed = inputs.copy()
+    elif exclude == "history":
       hists = [examples.history_of(r) for r in rows]
       width = 1 << max(0, int(np.ceil(np.log2(max(1, max(h.shape[0] for h in hists))))))
-      exclude = np.zeros((batch_size, width), np.int32)
+      removed = np.zeros((batch_size, width), np.int32)
       for i, h in enumerate(hists):
-        exclude[i, :h.shape[0]] = h
+        removed[i, :h.shape[0]] = h
     else:
-      exclude = np.zeros((batch_size, 1), np.int32)
-    batch = {"inputs": inputs, "target": target, "weight": weight, "exclude": exclude}
+      removed = np.zeros((batch_size, 1), np.int32)
+    batch = {"inputs": inputs, "target": target, "weight": weight, "exclude": removed}
     if with_times and examples.timestamps is not None:
       times = np.zeros(inputs.shape, np.int64)
       times[:rows.shape[0]] = examples.timestamps[rows]

@@ -21,13 +21,13 @@ from jaxrec.eval.metrics import metrics_from_ranks
 
 
 def evaluate(rank_fn: Callable[[Any, dict], jax.Array], params: Any, mesh: Mesh,
-             examples: EvalExamples, batch_size: int, exclude_history: bool,
-             with_times: bool = False, exclude_scope: str = "history") -> dict[str, float]:
+             examples: EvalExamples, batch_size: int, exclude: str,
+             with_times: bool = False) -> dict[str, float]:
   """Metrics for `examples`; `rank_fn(params, global_batch)` -> ranks [batch]."""
   start = time.perf_counter()
   rows = process_rows(mesh, batch_size)
   ranks, weights = [], []
-  for batch in eval_batches(examples, batch_size, exclude_history, with_times, exclude_scope):
+  for batch in eval_batches(examples, batch_size, exclude, with_times):
     weights.append(batch.pop("weight"))
     local = {k: v[rows] for k, v in batch.items()}
     out = rank_fn(params, to_global(mesh, local, batch_size))

@@ -1,7 +1,7 @@
 """Ranking metrics from 0-based target ranks, and a brute-force numpy reference.
 
 Protocol (DESIGN.md): leave-one-out, full ranking over the whole catalogue, the
-user's history removed from the candidates when `exclude_history` (the target
+user's earlier items removed from the candidates as `eval.exclude` says (the target
 itself is never removed), ties counted against the target.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+
+from jaxrec.config import check_exclusion
 
 KS: tuple[int, ...] = (1, 5, 10, 20, 50)
 
@@ -52,14 +54,15 @@ def brute_force_ranks(scores: np.ndarray, target: np.ndarray,
   return ranks
 
 
-def popularity_metrics(popularity: np.ndarray, examples, exclude_history: bool,
-                       num_items: int, exclude_scope: str = "history") -> dict[str, float]:
+def popularity_metrics(popularity: np.ndarray, examples, exclude: str,
+                       num_items: int) -> dict[str, float]:
   """The most-popular baseline under the same protocol: every user gets the item
   counts of the training prefixes as scores (ties broken against the target).
 
   Vectorised: every user shares the scores, so a target's rank is the number of
   items scoring >= it (a binary search in the sorted scores), minus those of the
   user's (de-duplicated) history items that count there."""
+  check_exclusion(exclude)
   pop = np.asarray(popularity[:num_items + 1], np.float64)
   items = pop[1:]
   sorted_pop = np.sort(items)
@@ -67,8 +70,8 @@ def popularity_metrics(popularity: np.ndarray, examples, exclude_history: bool,
   t_pop = pop[target]
   at_least = items.shape[0] - np.searchsorted(sorted_pop, t_pop, side="left")
   ranks = at_least - 1                      # everything >= the target but itself
-  if exclude_history:
-    if exclude_scope == "input":     # the input window: each row's non-padding inputs
+  if exclude != "none":
+    if exclude == "input":     # the input window: each row's non-padding inputs
       inputs = np.asarray(examples.inputs, np.int64)
       users = np.nonzero(inputs > 0)[0]
       hist = inputs[inputs > 0]

@@ -55,6 +55,10 @@ PROTOCOL = ("leave-one-out ({holdout}), full ranking over all items, {history}, 
             "counted against the target")
 HOLDOUT_WORDS = {"valid_test": "last two items held out: validation, test",
                  "test": "last item held out: test; trained through the validation item"}
+EXCLUSION_WORDS = {
+    "history": "history items removed from the candidates",
+    "input": "the input window's items (the last max_len) removed from the candidates",
+    "none": "history items kept as candidates"}
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -122,12 +126,8 @@ class PreemptionGuard:
 
 def protocol(config: ml_collections.ConfigDict) -> str:
   """The evaluation protocol in words, as the summary records it."""
-  removed = ("history items removed from the candidates"
-             if config.eval.exclude_scope == "history" else
-             "the input window's items (the last max_len) removed from the candidates")
   return PROTOCOL.format(holdout=HOLDOUT_WORDS[config.data.holdout],
-                         history=removed if config.eval.exclude_history else
-                         "history items kept as candidates")
+                         history=EXCLUSION_WORDS[config.eval.exclude])
 
 
 def build(config: ml_collections.ConfigDict, dataset: Dataset | None = None):
@@ -463,7 +463,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str | Path,
                         split: str = "test") -> dict[str, Any]:
   """`split`'s metrics for the newest checkpoint in `workdir`, under `config`'s
   evaluation settings: a finished run re-scored under another protocol (e.g.
-  `eval.exclude_scope`) without retraining. Also the most-popular baseline under it."""
+  `eval.exclude`) without retraining. Also the most-popular baseline under it."""
   if split not in ("valid", "test"):
     raise ValueError(f"split = {split!r}; valid values are valid, test")
   mesh, dataset, _, program = build(config)
@@ -490,16 +490,14 @@ def _most_popular(config, dataset: Dataset, split: str) -> dict[str, float] | No
   if config.eval.baseline != "most_popular":
     return None
   return popularity_metrics(dataset.popularity, _examples(dataset, split),
-                            config.eval.exclude_history, dataset.num_items,
-                            config.eval.exclude_scope)
+                            config.eval.exclude, dataset.num_items)
 
 
 def _evaluator(config, program: TrainProgram, mesh, dataset: Dataset):
   def run(state, split: str) -> dict[str, float]:
     result = evaluate(program.eval_ranks, state.params, mesh, _examples(dataset, split),
-                      config.eval.batch_size, config.eval.exclude_history,
-                      with_times=program.fns.uses_time,
-                      exclude_scope=config.eval.exclude_scope)
+                      config.eval.batch_size, config.eval.exclude,
+                      with_times=program.fns.uses_time)
     logging.info("%s: HR@10 %.4f NDCG@10 %.4f MRR %.4f (%d users, %.1fs)", split,
                  result["hr@10"], result["ndcg@10"], result["mrr"], result["users"],
                  result["eval_time_s"])
