@@ -90,6 +90,11 @@ _EXCLUDE = flags.DEFINE_enum(
     "or none; '' = the table's own (TABLE_EXCLUSION: input for ml1m), else each config's. "
     "A finished run scored otherwise is re-scored from its last checkpoint "
     "(ROW/test_exclude_EXCLUDE.json).")
+_DATA_PATH = flags.DEFINE_string(
+    "data_path", "",
+    "Every row's data.path instead of its config's: e.g. ML-1M's ratings.dat, whose "
+    "timestamps turn the HSTU rows' time bias on (ml-1m.txt has none). Give such runs "
+    "their own --root: a finished run that read another file is refused, not read back.")
 _HOLDOUT = flags.DEFINE_enum(
     "holdout", "valid_test", ["valid_test", "test"],
     "valid_test: our protocol (validation item held out, checkpoint selected on it); "
@@ -104,7 +109,7 @@ def scored_exclusion(summary: dict) -> str:
 
 
 def rescore(name: str, path: str, workdir: Path, holdout: str, seed: int, exclude: str,
-            summary: dict) -> dict:
+            summary: dict, data_path: str = "") -> dict:
   """A finished run's test metrics under `eval.exclude = exclude`, from its last
   checkpoint (computed once, then read back)."""
   cache = workdir / f"test_exclude_{exclude}.json"
@@ -114,7 +119,7 @@ def rescore(name: str, path: str, workdir: Path, holdout: str, seed: int, exclud
     raise SystemExit(f"{name}: its test metrics are of the checkpoint selected on "
                      "validation, not its last one; re-scoring covers --holdout=test runs")
   from jaxrec.train.loop import evaluate_checkpoint
-  out = evaluate_checkpoint(row_config(path, holdout, seed, exclude), workdir)
+  out = evaluate_checkpoint(row_config(path, holdout, seed, exclude, data_path), workdir)
   if out["step"] != summary["steps"]:
     raise SystemExit(f"{name}: the last checkpoint in {workdir} is step {out['step']}, "
                      f"not the run's final step {summary['steps']}")
@@ -127,9 +132,13 @@ def seed_workdir(root: Path, name: str, seed: int) -> Path:
   return root / (name if seed == 0 else f"{name}-seed{seed}")
 
 
-def row_config(path: str, holdout: str, seed: int = 0, exclude: str = ""):
-  """The config a row runs: its file's, on `holdout`, offset by `seed`."""
+def row_config(path: str, holdout: str, seed: int = 0, exclude: str = "",
+               data_path: str = ""):
+  """The config a row runs: its file's, on `holdout`, offset by `seed`, reading
+  `data_path` if given."""
   config = runtime.run_config(runtime.load_config(path))
+  if data_path:
+    config.data.path = data_path
   config.seed += seed               # initialisation, dropout and sampled negatives
   config.data.shuffle_seed += seed  # batch order
   if holdout != config.data.holdout:
@@ -141,14 +150,21 @@ def row_config(path: str, holdout: str, seed: int = 0, exclude: str = ""):
 
 
 def run_row(name: str, path: str, workdir: Path, holdout: str, seed: int = 0,
-            exclude: str = "") -> dict:
-  """The row's summary: read back if the run finished, else trained (or resumed)."""
+            exclude: str = "", data_path: str = "") -> dict:
+  """The row's summary: read back if the run finished (on the same data file), else
+  trained (or resumed)."""
   done = workdir / "summary.json"
   if done.exists():
+    summary = json.loads(done.read_text())
+    read = summary.get("config", {}).get("data", {}).get("path")
+    wanted = data_path or (read and row_config(path, holdout, seed).data.path)
+    if read != wanted and not (read and wanted and Path(read).resolve() == Path(wanted).resolve()):
+      raise SystemExit(f"{name}: the finished run in {workdir} read {read}, not {wanted}; "
+                       "give runs on another data file their own --root")
     logging.info("%s: finished run found in %s", name, workdir)
-    return json.loads(done.read_text())
+    return summary
   from jaxrec.train.loop import train_and_evaluate
-  config = row_config(path, holdout, seed, exclude)
+  config = row_config(path, holdout, seed, exclude, data_path)
   summary = train_and_evaluate(config, str(workdir))
   if summary is None:
     raise SystemExit(f"{name}: stopped before the end; rerun to resume from {workdir}")
@@ -215,11 +231,11 @@ def main(argv):
       workdir = seed_workdir(root, name, seed)
       start = time.perf_counter()
       with runtime.user_errors():
-        summary = run_row(name, path, workdir, holdout, seed, wanted)
+        summary = run_row(name, path, workdir, holdout, seed, wanted, _DATA_PATH.value)
         trained = scored_exclusion(summary)
         exclude = wanted or trained
-        rescored = (rescore(name, path, workdir, holdout, seed, exclude, summary)
-                    if exclude != trained else None)
+        rescored = (rescore(name, path, workdir, holdout, seed, exclude, summary,
+                            _DATA_PATH.value) if exclude != trained else None)
       test = (rescored or summary)["test"]
       selected = summary.get("selected") or {}
       total_wall = summary.get("total_wall_s")   # absent / None: written before it existed
@@ -235,7 +251,7 @@ def main(argv):
           "wall_time_s": summary["wall_time_s"] if total_wall is None else total_wall,
           "wall_from_step": ((summary.get("resumed_from_step") or 0) if total_wall is None
                              else 0),
-          "device": summary["device"],
+          "device": summary["device"], "data_source": summary.get("data_source"),
           "mesh": summary["mesh"], "protocol": (rescored or summary)["protocol"],
           "this_call_s": time.perf_counter() - start,
           "holdout": holdout, "curve_split": split,
@@ -266,6 +282,7 @@ def main(argv):
           f"{pub.get('hr@10', float('nan')):>8.4f}{pub.get('ndcg@10', float('nan')):>9.4f}"
           f"{ratio:>9}  std HR {s['hr@10_std']:.4f} NDCG {s['ndcg@10_std']:.4f} "
           f"over seeds {s['seeds']}")
+  print("data: " + "; ".join(sorted({r["data_source"] or "?" for r in results})))
   if dataset in CONTEXT:
     print(f"context (not a target): {CONTEXT[dataset]}")
   for r in results:

@@ -4,6 +4,7 @@ tested elsewhere; the README smoke run covers the command end to end)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,26 @@ def test_a_finished_seed_is_read_back_not_retrained(tmp_path, monkeypatch):
                       lambda *a: pytest.fail("retrained a finished run"))
   (tmp_path / "summary.json").write_text('{"steps": 7}')
   assert reproduce.run_row("q", "unused.py", tmp_path, "test", seed=1) == {"steps": 7}
+
+
+def test_data_path_replaces_every_rows_file_and_a_run_on_another_file_is_refused(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr("jaxrec.train.loop.train_and_evaluate",
+                      lambda *a: pytest.fail("retrained a finished run"))
+  config = str(REPO / "experiments" / "configs" / "quickstart.py")
+  assert reproduce.row_config(config, "test", data_path="x/ratings.dat").data.path == \
+      "x/ratings.dat"
+  own = reproduce.row_config(config, "test").data.path   # "" (the embedded dataset)
+  (tmp_path / "summary.json").write_text(json.dumps({"steps": 7, "config": {"data": {"path": own}}}))
+  assert reproduce.run_row("q", config, tmp_path, "test")["steps"] == 7
+  with pytest.raises(SystemExit, match="read , not x/ratings.dat; give runs on another"):
+    reproduce.run_row("q", config, tmp_path, "test", data_path="x/ratings.dat")
+  # the same file named another way is the same file
+  (tmp_path / "summary.json").write_text(
+      json.dumps({"steps": 8, "config": {"data": {"path": "x/../x/ratings.dat"}}}))
+  assert reproduce.run_row("q", config, tmp_path, "test", data_path="x/ratings.dat")["steps"] == 8
+  with pytest.raises(SystemExit, match="read x/../x/ratings.dat, not y/ratings.dat"):
+    reproduce.run_row("q", config, tmp_path, "test", data_path="y/ratings.dat")
 
 
 def test_seed_summaries_give_mean_and_sample_std_per_row():
