@@ -300,10 +300,14 @@ def main(argv):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 4))
+  # a curve is scored as its run was trained; say so where the curves differ
+  mixed = len({r["curve_exclude"] for r in results if r["ndcg10_by_step"]}) > 1
   for r in results:
     if r["ndcg10_by_step"]:
       steps, values = zip(*r["ndcg10_by_step"])
       label = r["row"] if len(seeds) == 1 else f"{r['row']} seed {r['seed']}"
+      if mixed:
+        label += f" (exclude={r['curve_exclude']})"
       ax.plot(steps, values, "o-", ms=3, label=label)
   ax.set_xlabel("step")
   ax.set_ylabel(f"{split} NDCG@10")
