@@ -149,6 +149,11 @@ def row_config(path: str, holdout: str, seed: int = 0, exclude: str = "",
   return config
 
 
+def same_file(a: str, b: str) -> bool:
+  """Two data.path values name the same file ("" is the embedded dataset)."""
+  return a == b or bool(a and b and Path(a).resolve() == Path(b).resolve())
+
+
 def run_row(name: str, path: str, workdir: Path, holdout: str, seed: int = 0,
             exclude: str = "", data_path: str = "") -> dict:
   """The row's summary: read back if the run finished (on the same data file), else
@@ -157,10 +162,11 @@ def run_row(name: str, path: str, workdir: Path, holdout: str, seed: int = 0,
   if done.exists():
     summary = json.loads(done.read_text())
     read = summary.get("config", {}).get("data", {}).get("path")
-    wanted = data_path or (read and row_config(path, holdout, seed).data.path)
-    if read != wanted and not (read and wanted and Path(read).resolve() == Path(wanted).resolve()):
-      raise SystemExit(f"{name}: the finished run in {workdir} read {read}, not {wanted}; "
-                       "give runs on another data file their own --root")
+    if read is not None:   # a summary records the file it read
+      wanted = data_path or row_config(path, holdout, seed).data.path
+      if not same_file(read, wanted):
+        raise SystemExit(f"{name}: the finished run in {workdir} read {read}, not "
+                         f"{wanted}; give runs on another data file their own --root")
     logging.info("%s: finished run found in %s", name, workdir)
     return summary
   from jaxrec.train.loop import train_and_evaluate
